@@ -1,0 +1,7 @@
+"""``python -m hyperst`` runs the command line."""
+
+import sys
+
+from hyperst.cli import main
+
+sys.exit(main())

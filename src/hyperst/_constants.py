@@ -1,0 +1,64 @@
+"""Every key hyperst reads from or writes to AnnData / SpatialData objects, in one place."""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = ["Key"]
+
+
+class Key:
+    """Names of the slots hyperst uses.
+
+    Keeping them here (as squidpy's ``_constants`` does) means a key is spelled once and documented once.
+    """
+
+    #: ``.uns`` entry holding hyperst's parameters, history and provenance.
+    UNS: Final[str] = "hyperst"
+    #: ``.obsm`` key of the image spot embedding (Lorentz space coordinates).
+    OBSM_IMAGE_SPOT: Final[str] = "X_hyperst"
+    #: ``.obsm`` key of the image niche embedding.
+    OBSM_IMAGE_NICHE: Final[str] = "X_hyperst_niche"
+    #: ``.obsm`` key of the gene (expression) spot embedding.
+    OBSM_GENE_SPOT: Final[str] = "X_hyperst_gene"
+    #: ``.obsm`` key of the gene (expression) niche embedding.
+    OBSM_GENE_NICHE: Final[str] = "X_hyperst_gene_niche"
+    #: ``.layers`` key of predicted expression when ``.X`` already holds measured counts.
+    LAYER_PRED: Final[str] = "hyperst_pred"
+
+    # ------------------------------------------------------------------ preprocessing (hst.pp)
+    #: ``.obsm`` key of spot centres (the squidpy convention).
+    OBSM_SPATIAL: Final[str] = "spatial"
+    #: ``.obsm`` key of frozen backbone features of the spot crops.
+    OBSM_FEATURES_SPOT: Final[str] = "hyperst_features_spot"
+    #: ``.obsm`` key of frozen backbone features of the niche crops.
+    OBSM_FEATURES_NICHE: Final[str] = "hyperst_features_niche"
+    #: ``.obsp`` key prefix of the niche graph (squidpy writes ``{prefix}_connectivities``/``_distances``).
+    OBSP_NICHE_PREFIX: Final[str] = "hyperst_niche"
+    #: ``.obsp`` key of the niche adjacency (binary, without self loops).
+    OBSP_NICHE_CONNECTIVITIES: Final[str] = "hyperst_niche_connectivities"
+    #: ``.obsp`` key of the niche neighbour distances.
+    OBSP_NICHE_DISTANCES: Final[str] = "hyperst_niche_distances"
+    #: ``.obs`` column: number of niche members (self included).
+    OBS_NICHE_SIZE: Final[str] = "hyperst_niche_size"
+    #: ``.obs`` column: whether the niche has every neighbour the layout allows.
+    OBS_NICHE_COMPLETE: Final[str] = "hyperst_niche_complete"
+    #: ``.obs`` column: fraction of the spot crop that is tissue.
+    OBS_TISSUE_FRACTION: Final[str] = "hyperst_tissue_fraction"
+    #: ``.obs`` column: fraction of the spot crop outside the image (padded).
+    OBS_PAD_FRACTION: Final[str] = "hyperst_pad_fraction"
+    #: ``.obsm`` key of niche expression log2(1 + mean raw counts over the niche).
+    OBSM_NICHE_EXPRESSION: Final[str] = "hyperst_niche_expression"
+    #: ``.var`` column marking the selected genes.
+    VAR_SELECTED: Final[str] = "hyperst_selected"
+    #: ``.var`` column with the rank of a selected gene (0 = first).
+    VAR_RANK: Final[str] = "hyperst_rank"
+    #: ``.layers`` key of raw counts kept by hyperst when ``.X`` is transformed.
+    LAYER_COUNTS: Final[str] = "counts"
+
+    # sub-keys of ``.uns["hyperst"]``
+    UNS_SPOTS: Final[str] = "spots"  # resolved geometry: pixel size, spot diameter, keys used
+    UNS_NICHES: Final[str] = "niches"
+    UNS_GENES: Final[str] = "genes"
+    UNS_FEATURES: Final[str] = "features"
+    UNS_CROPS: Final[str] = "crops"

@@ -1,0 +1,5 @@
+"""Warning categories raised by hyperst."""
+
+
+class HyperSTWarning(UserWarning):
+    """Base class of every warning hyperst raises on purpose."""
