@@ -181,7 +181,7 @@ def logmap0(x: Tensor, c: float | Tensor = 1.0, eps: float = EPS) -> Tensor:
     _check_curvature(c)
     r = math.sqrt(c) if not isinstance(c, Tensor) else c.sqrt()
     rnorm = r * torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return torch.asinh(rnorm) * x / (r * rnorm.clamp(min=eps))
+    return torch.asinh(rnorm) * x / rnorm.clamp(min=eps)
 
 
 @_fp32

@@ -31,9 +31,6 @@ ENTAILMENT_TERMS: dict[str, tuple[str, str, str]] = {
     "spot_niche_gene": ("gene_spot", "gene_niche", "spot_niche"),
 }
 
-_STREAMS_SPOT_ONLY = {"image_spot", "gene_spot"}
-
-
 def _default_contrastive_weights() -> dict[str, float]:
     return dict.fromkeys(CONTRASTIVE_PAIRS, 1.0)
 
@@ -188,11 +185,17 @@ class HyperSTConfig:
         return self.levels == "spot+niche"
 
     @property
+    def uses_alignment(self) -> bool:
+        """Whether any alignment loss (HCA or HEA) is on, i.e. whether the gene streams are needed."""
+        return self.alignment or bool(self.entailment and any(w > 0 for w in self.entailment_weights.values()))
+
+    @property
     def streams(self) -> tuple[str, ...]:
-        """Names of the streams the network builds."""
-        if self.has_niche:
-            return ("image_spot", "image_niche", "gene_spot", "gene_niche")
-        return ("image_spot", "gene_spot")
+        """Names of the streams the network builds (gene streams only when an alignment loss uses them)."""
+        image = ("image_spot", "image_niche") if self.has_niche else ("image_spot",)
+        if not self.uses_alignment:
+            return image
+        return (*image, "gene_spot", "gene_niche") if self.has_niche else (*image, "gene_spot")
 
     def active_contrastive_pairs(self) -> dict[str, tuple[tuple[str, str], float]]:
         """Directed contrastive pairs in use, ``name -> ((query, key), weight)``; empty without alignment."""

@@ -101,7 +101,7 @@ def entailment_loss(
     min_radius: float = geo.MIN_RADIUS,
     geometry: str = "lorentz",
 ) -> Tensor:
-    r"""Entailment-cone loss :math:`E_k = \operatorname{mean}\max(0, \operatorname{ext}(p, q) - k\,\operatorname{aper}(p))`.
+    r"""Entailment-cone loss :math:`E_k = \mathrm{mean}\,\max(0, \mathrm{ext}(p,q) - k\,\mathrm{aper}(p))`.
 
     Zero when every child lies inside its parent's cone widened by ``k``; grows with the angle by
     which it lies outside.

@@ -133,23 +133,30 @@ class HyperSTNetwork(nn.Module):
             in_dim = config.image_dim if name.startswith("image") else config.n_genes
             self.streams[name] = _Stream(in_dim, d, config.dropout)
         self.proj_image = nn.Linear(d, d, bias=False)
-        self.proj_gene = nn.Linear(d, d, bias=False)
         _init_linear(self.proj_image)
-        _init_linear(self.proj_gene)
+        self.proj_gene = None
+        if config.uses_alignment:
+            self.proj_gene = nn.Linear(d, d, bias=False)
+            _init_linear(self.proj_gene)
         n_levels = 2 if config.has_niche else 1
         self.decoder = nn.Sequential(ResMLP(n_levels * d, d, dropout=config.dropout), nn.Linear(d, config.n_genes))
         _init_linear(self.decoder[1])
 
+        # Learnable scalars. Each one is trainable only when a loss depends on it, so that every
+        # trainable parameter receives a gradient (DistributedDataParallel requires it).
+        aligned = config.uses_alignment
         alpha0 = math.log(d**-0.5)
-        self.alpha_image = nn.Parameter(torch.tensor(alpha0))
-        self.alpha_gene = nn.Parameter(torch.tensor(alpha0))
+        self.alpha_image = nn.Parameter(torch.tensor(alpha0), requires_grad=aligned)
+        self.alpha_gene = nn.Parameter(torch.tensor(alpha0), requires_grad=aligned)
         lo, hi = config.curvature_range
         self._log_c_range = (math.log(lo), math.log(hi))
         self.log_curvature = nn.Parameter(
-            torch.tensor(math.log(config.curvature)), requires_grad=config.learn_curvature
+            torch.tensor(math.log(config.curvature)),
+            requires_grad=config.learn_curvature and aligned and config.geometry == "lorentz",
         )
         self.log_logit_scale = nn.Parameter(
-            torch.tensor(math.log(1.0 / config.temperature)), requires_grad=config.learn_logit_scale
+            torch.tensor(math.log(1.0 / config.temperature)),
+            requires_grad=config.learn_logit_scale and config.alignment,
         )
 
     # ------------------------------------------------------------------ learnable scalars
@@ -206,6 +213,8 @@ class HyperSTNetwork(nn.Module):
         gene_niche
             Niche expression ``(n, G)``: as ``gene_spot``, for models with niche streams.
 
+        Gene inputs are ignored by models without alignment losses (they have no gene streams).
+
         Returns
         -------
         :class:`HyperSTOutput`.
@@ -235,6 +244,7 @@ class HyperSTNetwork(nn.Module):
                 continue
             modality = "image" if name.startswith("image") else "gene"
             proj = self.proj_image if modality == "image" else self.proj_gene
+            assert proj is not None  # gene streams exist only together with their projection
             features[name] = proj(self.streams[name](x))
             embeddings[name] = self._lift(features[name], modality)
 

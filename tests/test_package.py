@@ -1,0 +1,60 @@
+"""Package layout, lazy imports, settings and the command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import hyperst as hst
+from hyperst import cli
+from hyperst._constants import Key
+
+
+def test_import_is_lazy() -> None:
+    code = (
+        "import sys, hyperst as hst; "
+        "heavy = [m for m in ('torch', 'spatialdata', 'squidpy', 'timm', 'scanpy') if m in sys.modules]; "
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_subpackages_are_reachable() -> None:
+    for name in ("pp", "tl", "pl", "datasets", "geometry", "nn"):
+        assert getattr(hst, name).__name__ == f"hyperst.{name}"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        hst.nope  # noqa: B018
+    assert hst.__version__
+
+
+def test_settings_verbosity() -> None:
+    old = hst.settings.verbosity
+    try:
+        hst.settings.verbosity = "info"
+        assert hst.settings.verbosity == 2
+        hst.settings.verbosity = 4
+        assert hst.settings.verbosity.name == "debug"
+        with pytest.raises(ValueError, match="verbosity"):
+            hst.settings.verbosity = "loud"
+        with pytest.raises(ValueError, match="verbosity"):
+            hst.settings.verbosity = 9
+    finally:
+        hst.settings.verbosity = old
+
+
+def test_constants_are_unique() -> None:
+    values = [v for k, v in vars(Key).items() if k.isupper() and not k.startswith("UNS_")]
+    assert len(values) == len(set(values))
+
+
+def test_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["demo"]) == 0
+    assert "not yet" in capsys.readouterr().out
+    assert cli.main([]) == 2
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert hst.__version__ in capsys.readouterr().out
