@@ -174,7 +174,7 @@ def test_toy_contrastive_optimisation(geometry: str) -> None:
         loss.backward()
         opt.step()
     last, x, y = step()
-    assert float(last) < 0.5 * float(first)
+    assert float(last.detach()) < 0.5 * float(first.detach())
     with torch.no_grad():
         c = float(log_c.exp())
         if geometry == "lorentz":
