@@ -56,9 +56,33 @@ class Key:
     #: ``.layers`` key of raw counts kept by hyperst when ``.X`` is transformed.
     LAYER_COUNTS: Final[str] = "counts"
 
+    # ------------------------------------------------------------------ readers and tables
+    #: ``.obs`` column naming the sample (slide) of each spot.
+    OBS_SAMPLE: Final[str] = "sample"
+    #: ``.obs`` columns with array (grid) coordinates.
+    OBS_ARRAY_ROW: Final[str] = "array_row"
+    OBS_ARRAY_COL: Final[str] = "array_col"
+    #: spatialdata table attributes used by hyperst's readers.
+    TABLE_REGION_KEY: Final[str] = "region"
+    TABLE_INSTANCE_KEY: Final[str] = "instance_id"
+    #: name of the table hyperst's readers create.
+    TABLE_NAME: Final[str] = "table"
+    #: ``.obs`` column of :func:`hyperst.datasets.synthetic` with the true tissue type of each spot.
+    OBS_TISSUE: Final[str] = "tissue"
+    #: ``.var`` column of :func:`hyperst.datasets.synthetic` with the tissue type a gene marks.
+    VAR_PROGRAM: Final[str] = "program"
+
+    # ------------------------------------------------------------------ tools (hst.tl)
+    #: ``.obs`` column of the per-spot prediction confidence.
+    OBS_CONFIDENCE: Final[str] = "hyperst_confidence"
+    #: name of the table :func:`hyperst.tl.predict` adds to a SpatialData.
+    TABLE_PREDICTION: Final[str] = "hyperst_prediction"
+
     # sub-keys of ``.uns["hyperst"]``
     UNS_SPOTS: Final[str] = "spots"  # resolved geometry: pixel size, spot diameter, keys used
     UNS_NICHES: Final[str] = "niches"
     UNS_GENES: Final[str] = "genes"
     UNS_FEATURES: Final[str] = "features"
     UNS_CROPS: Final[str] = "crops"
+    UNS_FIT: Final[str] = "fit"  # training parameters and history written by hst.tl.fit
+    UNS_PREDICT: Final[str] = "predict"  # provenance written by hst.tl.predict

@@ -1,7 +1,10 @@
-"""Readers (Her2ST, HEST-1k, Visium) and a deterministic synthetic dataset.
+"""Readers and a deterministic synthetic dataset.
 
-The functions arrive with the ``hst.pp`` and ``hst.pl`` issues; this namespace exists so that the
-package layout is stable (``hst.datasets.<function>``).
+- :func:`her2st`: the five Her2ST sections of ``../shared/data/her2st`` (legacy ST, 200 µm pitch);
+- :func:`synthetic`: a small SpatialData whose image regions drive known gene programs.
 """
 
-__all__: list[str] = []
+from hyperst.datasets._her2st import her2st
+from hyperst.datasets._synthetic import synthetic
+
+__all__ = ["her2st", "synthetic"]

@@ -220,6 +220,8 @@ class HyperSTNetwork(nn.Module):
         :class:`HyperSTOutput`.
         """
         cfg = self.config
+        if not cfg.uses_alignment:  # no gene streams: gene inputs are not used
+            gene_spot = gene_niche = None
         inputs = {"image_spot": image_spot, "image_niche": image_niche, "gene_spot": gene_spot,
                   "gene_niche": gene_niche}
         if cfg.has_niche and image_niche is None:

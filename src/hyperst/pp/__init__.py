@@ -1,7 +1,33 @@
 """Preprocessing: from SpatialData to spot/niche crops, niches, gene targets and image features.
 
-The functions arrive with the ``hst.pp`` issue; this namespace exists so that the package layout is
-stable (``hst.pp.<function>``).
+- :func:`resolve_spots` / :func:`spot_table`: find each sample's image, spots and table, in pixels;
+- :func:`niches`: neighbour graph and niche expression;
+- :func:`select_genes` / :func:`targets`: genes to predict and their log2(1 + counts) targets;
+- :func:`load_backbone` / :func:`extract_features`: frozen image backbones from local weights.
 """
 
-__all__: list[str] = []
+from hyperst.pp._backbone import (
+    KNOWN_BACKBONES,
+    BackboneSpec,
+    extract_features,
+    load_backbone,
+    resolve_backbone_spec,
+)
+from hyperst.pp._genes import select_genes, targets
+from hyperst.pp._niches import niches
+from hyperst.pp._spots import LAYOUTS, SampleSpots, resolve_spots, spot_table
+
+__all__ = [
+    "KNOWN_BACKBONES",
+    "LAYOUTS",
+    "BackboneSpec",
+    "SampleSpots",
+    "extract_features",
+    "load_backbone",
+    "niches",
+    "resolve_backbone_spec",
+    "resolve_spots",
+    "select_genes",
+    "spot_table",
+    "targets",
+]

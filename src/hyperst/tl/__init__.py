@@ -1,7 +1,21 @@
-"""Tools: train (``fit``), predict, evaluate and persist HyperST models.
+"""Tools: train (:func:`fit`), predict (:func:`predict`), evaluate (:func:`evaluate`) and persist HyperST.
 
-The functions arrive with the ``hst.tl`` issue; this namespace exists so that the package layout is
-stable (``hst.tl.<function>``).
+:class:`HyperST` is the user-facing model (network + genes + backbone + crop geometry), saved with
+:meth:`HyperST.save` and loaded with :meth:`HyperST.load`.
 """
 
-__all__: list[str] = []
+from hyperst.tl._evaluate import Evaluation, evaluate, pcc_at_k, pearson_per_gene
+from hyperst.tl._fit import fit, predict
+from hyperst.tl._model import HyperST
+from hyperst.tl._train import spatial_block_split
+
+__all__ = [
+    "Evaluation",
+    "HyperST",
+    "evaluate",
+    "fit",
+    "pcc_at_k",
+    "pearson_per_gene",
+    "predict",
+    "spatial_block_split",
+]

@@ -1,0 +1,428 @@
+"""Spot niches (:func:`hyperst.pp.niches`): neighbour graph and niche expression.
+
+A niche is a spot together with its immediate neighbours (METHOD §1): 6 on the Visium hexagonal
+lattice, 8 (the 3×3 block) on the legacy ST square grid. The graph is built here with
+:class:`scipy.spatial.cKDTree` rather than :func:`squidpy.gr.spatial_neighbors`: squidpy's grid mode
+takes the ``n_neighs`` nearest spots and cuts at 1.3 × the *global* median distance, stores ring
+numbers instead of distances, and ``spatial_neighbors`` is deprecated since squidpy 1.7 (removed in
+1.9) while its replacements do not exist in the older squidpy versions hyperst supports. The result is
+stored the squidpy way (``.obsp[f"{Key.OBSP_NICHE_PREFIX}_connectivities"]`` and ``..._distances``), so
+squidpy/scanpy tools that take a ``connectivity_key`` can use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from scipy import sparse
+from scipy.spatial import cKDTree
+
+from hyperst._constants import Key
+from hyperst._logging import logger
+from hyperst.pp._genes import _check_counts, _counts, _layer_name, _uns_block, _validate_gene_list
+
+__all__ = ["niches"]
+
+_LAYOUTS = ("auto", "visium", "st", "radius", "knn")
+_INCOMPLETE = ("keep", "drop", "mark")
+#: neighbours of a complete niche, per lattice
+_EXPECTED = {"visium": 6, "st": 8}
+#: graph radius in units of the pitch, midway between the last neighbour ring kept and the next one:
+#: hexagon (1 | √3), square (√2 | 2)
+_RADIUS_FACTOR = {"visium": (1.0 + np.sqrt(3.0)) / 2.0, "st": (np.sqrt(2.0) + 2.0) / 2.0}
+#: neighbours counted "at the pitch" for auto-detection: midway between 1 and √2
+_DETECT_FACTOR = (1.0 + np.sqrt(2.0)) / 2.0
+_ARRAY_ROW, _ARRAY_COL = "array_row", "array_col"
+_GENE_CHUNK = 2048
+
+
+def niches(
+    adata: AnnData,
+    *,
+    layout: Literal["auto", "visium", "st", "radius", "knn"] = "auto",
+    radius: float | None = None,
+    n_neighs: int | None = None,
+    library_key: str | None = None,
+    layer: str | None = None,
+    genes: Sequence[str] | None = None,
+    incomplete: Literal["keep", "drop", "mark"] = "keep",
+    copy: bool = False,
+) -> AnnData | None:
+    """Build the niche of every spot and its niche expression.
+
+    The niche of a spot is the spot and its immediate neighbours. Neighbours never cross samples: with
+    ``library_key`` the graph is built per sample. The niche expression is
+    log2(1 + mean raw count over the niche members), computed as ``((A + I) @ X) / size`` with sparse
+    matrices.
+
+    Layouts:
+
+    ``"visium"``
+        Hexagonal lattice, 6 neighbours. With integer ``obs["array_row"]``/``obs["array_col"]`` (Visium
+        convention: columns doubled, ``row + col`` of one parity) neighbours are exact lattice
+        neighbours; otherwise spots within ``(1 + √3)/2`` pitches of ``obsm["spatial"]``, the pitch
+        being the median nearest-neighbour distance of the sample.
+    ``"st"``
+        Square grid, 8 neighbours (3×3 block, diagonals included): from the array coordinates, or within
+        ``(√2 + 2)/2`` pitches.
+    ``"radius"``
+        Every spot within ``radius`` (units of ``obsm["spatial"]``); a niche is "complete" when it has
+        as many neighbours as the best-connected spot of its sample.
+    ``"knn"``
+        The ``n_neighs`` nearest spots (row ``i`` of the graph lists the neighbours of spot ``i``; the
+        graph is not symmetrised). Every niche is complete.
+    ``"auto"`` (default)
+        Per sample: the layout recorded by a hyperst reader in ``.uns[Key.UNS][Key.UNS_SPOTS]`` when it
+        is ``"visium"``/``"st"``; else the parity of integer array coordinates (one parity → hexagonal);
+        else the geometry of ``obsm["spatial"]`` (spots with 5–6 neighbours at the pitch → hexagonal,
+        with 4 → square). Raises when none of these decides.
+
+    With ``layout="visium"``/``"st"``, an explicit ``radius`` replaces the lattice rule (radius graph on
+    ``obsm["spatial"]``, complete = 6 or 8 neighbours).
+
+    Parameters
+    ----------
+    adata
+        AnnData (e.g. the table of a SpatialData) with spot centres in ``obsm["spatial"]`` (any unit) and
+        raw counts in ``.X`` or ``layer``.
+    layout
+        Neighbourhood rule, see above.
+    radius
+        Radius for ``layout="radius"`` (required) or override for ``"visium"``/``"st"``/``"auto"``, in
+        the units of ``obsm["spatial"]``.
+    n_neighs
+        Number of neighbours for ``layout="knn"`` (required there, refused elsewhere).
+    library_key
+        ``obs`` column naming the sample of each spot; graphs never connect different samples.
+    layer
+        Layer holding the raw counts; ``None`` uses ``.X``.
+    genes
+        Genes of the niche expression, in column order; ``None`` uses all genes.
+    incomplete
+        What to do with spots whose niche misses neighbours (at the tissue or array border):
+        ``"keep"`` (default) keeps them with the neighbours that exist; ``"mark"`` does the same but
+        warns, leaving the choice to later filtering on ``obs[Key.OBS_NICHE_COMPLETE]``; ``"drop"``
+        (ref behaviour) removes those spots, subsetting ``adata`` in place like
+        :func:`scanpy.pp.filter_cells` (or the returned copy with ``copy=True``). The niche expression
+        of the kept spots still averages over all their neighbours, dropped ones included, while
+        ``.obsp`` is restricted to the kept spots (edges to removed spots disappear with them).
+    copy
+        Return a modified copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    ``None``, or the modified copy when ``copy=True``. Writes:
+
+    - ``.obsp[Key.OBSP_NICHE_CONNECTIVITIES]``: binary adjacency (CSR, float32, no self loops);
+    - ``.obsp[Key.OBSP_NICHE_DISTANCES]``: Euclidean neighbour distances in ``obsm["spatial"]`` units;
+    - ``.obsm[Key.OBSM_NICHE_EXPRESSION]``: dense ``float32`` ``(n_obs, n_genes)``;
+    - ``.obs[Key.OBS_NICHE_SIZE]`` (members, self included) and ``.obs[Key.OBS_NICHE_COMPLETE]``;
+    - ``.uns[Key.UNS][Key.UNS_NICHES]``: the gene order, the resolved layout/radius per sample, the
+      parameters and the number of incomplete niches.
+
+    Raises
+    ------
+    ValueError
+        If ``obsm["spatial"]`` is missing or not finite, spots share a position, the options conflict,
+        the layout cannot be detected, ``library_key``/``layer``/``genes`` are invalid, or the counts are
+        negative or not finite.
+    """
+    if not isinstance(adata, AnnData):
+        raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
+    if layout not in _LAYOUTS:
+        raise ValueError(f"`layout` must be one of {_LAYOUTS}, got {layout!r}.")
+    if incomplete not in _INCOMPLETE:
+        raise ValueError(f"`incomplete` must be one of {_INCOMPLETE}, got {incomplete!r}.")
+    if radius is not None and (
+        isinstance(radius, bool) or not np.isfinite(radius) or not float(radius) > 0 or layout == "knn"
+    ):
+        raise ValueError(f"`radius` must be a positive number and is not used with layout='knn', got {radius!r}.")
+    if layout == "radius" and radius is None:
+        raise ValueError("layout='radius' needs `radius` (in the units of obsm['spatial']).")
+    if layout == "knn":
+        if isinstance(n_neighs, bool) or not isinstance(n_neighs, int | np.integer) or n_neighs < 1:
+            raise ValueError(f"layout='knn' needs `n_neighs`, a positive integer, got {n_neighs!r}.")
+    elif n_neighs is not None:
+        raise ValueError(f"`n_neighs` is only used with layout='knn' (got layout={layout!r}).")
+    if adata.n_obs == 0:
+        raise ValueError("`adata` has no observations (spots).")
+
+    coords = _coordinates(adata)
+    libraries = _libraries(adata, library_key)
+    gene_names = (
+        list(adata.var_names) if genes is None else _validate_gene_list(genes, adata.var_names, argument="genes")
+    )
+    cols = adata.var_names.get_indexer(gene_names)
+    counts = _counts(adata, layer, cols=cols)
+    _check_counts(counts, _layer_name(layer))
+
+    # ---------------------------------------------------------------- graph, one block per library
+    n = adata.n_obs
+    rows_all, cols_all = [], []
+    expected = np.zeros(n, dtype=np.int64)
+    resolved: dict[str, dict[str, Any]] = {}
+    for lib, idx in libraries:
+        lib_coords = coords[idx]
+        _check_unique_positions(lib_coords, lib)
+        lib_layout = layout
+        if layout == "auto":
+            lib_layout = _detect_layout(adata, idx, lib_coords, lib, library_key)
+        r_i, c_i, info = _graph(adata, idx, lib_coords, lib_layout, radius=radius, n_neighs=n_neighs)
+        rows_all.append(idx[r_i])
+        cols_all.append(idx[c_i])
+        degree = np.bincount(r_i, minlength=len(idx))
+        if lib_layout in _EXPECTED:
+            exp = _EXPECTED[lib_layout]
+        elif lib_layout == "knn":
+            exp = int(min(n_neighs, len(idx) - 1))  # type: ignore[arg-type]
+        else:  # radius
+            exp = int(degree.max()) if len(idx) else 0
+        expected[idx] = exp
+        info.update(layout=lib_layout, expected_neighbours=int(exp), n_spots=len(idx))
+        resolved["all" if lib is None else str(lib)] = info
+
+    rows = np.concatenate(rows_all) if rows_all else np.zeros(0, dtype=np.int64)
+    cols_g = np.concatenate(cols_all) if cols_all else np.zeros(0, dtype=np.int64)
+    dist = np.linalg.norm(coords[rows] - coords[cols_g], axis=1)
+    conn = sparse.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols_g)), shape=(n, n))
+    conn.sum_duplicates()
+    conn.data[:] = 1.0
+    dst = sparse.csr_matrix((dist, (rows, cols_g)), shape=(n, n))
+    dst.sum_duplicates()
+    dst.sort_indices()
+    conn.sort_indices()
+
+    degree = np.diff(conn.indptr)
+    size = degree + 1
+    complete = degree >= expected
+    n_incomplete = int((~complete).sum())
+
+    # ---------------------------------------------------------------- niche expression (vectorised)
+    member = (conn + sparse.identity(n, dtype=np.float32, format="csr")).tocsr()
+    inv_size = (1.0 / size).astype(np.float64)
+    expr = np.empty((n, len(gene_names)), dtype=np.float32)
+    x = sparse.csr_matrix(counts, dtype=np.float64) if sparse.issparse(counts) else np.asarray(counts, np.float64)
+    member64 = member.astype(np.float64)
+    for start in range(0, len(gene_names), _GENE_CHUNK):
+        block = x[:, start : start + _GENE_CHUNK]
+        summed = member64 @ block
+        summed = summed.toarray() if sparse.issparse(summed) else np.asarray(summed)
+        expr[:, start : start + _GENE_CHUNK] = np.log2(1.0 + summed * inv_size[:, None])
+
+    # ---------------------------------------------------------------- write
+    if copy:
+        adata = adata.copy()
+    adata.obsp[Key.OBSP_NICHE_CONNECTIVITIES] = conn
+    adata.obsp[Key.OBSP_NICHE_DISTANCES] = dst.astype(np.float64)
+    adata.obsm[Key.OBSM_NICHE_EXPRESSION] = expr
+    adata.obs[Key.OBS_NICHE_SIZE] = size.astype(np.int64)
+    adata.obs[Key.OBS_NICHE_COMPLETE] = complete
+
+    msg = f"niches: {n_incomplete} of {n} spots have an incomplete niche"
+    if incomplete == "mark" and n_incomplete:
+        logger.warning(f"{msg}; they are kept and marked in obs[{Key.OBS_NICHE_COMPLETE!r}].")
+    elif incomplete == "drop":
+        logger.info(f"{msg}; dropping them.")
+    else:
+        logger.info(f"{msg}; kept with the neighbours that exist.")
+
+    record: dict[str, Any] = {
+        "layout": layout,
+        "incomplete": incomplete,
+        "genes": list(gene_names),
+        "n_incomplete": n_incomplete,
+        "n_dropped": n_incomplete if incomplete == "drop" else 0,
+        "libraries": resolved,
+        "connectivities_key": Key.OBSP_NICHE_CONNECTIVITIES,
+        "distances_key": Key.OBSP_NICHE_DISTANCES,
+    }
+    for name, value in (("radius", radius), ("n_neighs", n_neighs), ("library_key", library_key), ("layer", layer)):
+        if value is not None:
+            record[name] = value
+    _uns_block(adata)[Key.UNS_NICHES] = record
+
+    if incomplete == "drop" and n_incomplete:
+        adata._inplace_subset_obs(complete)
+    return adata if copy else None
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def _coordinates(adata: AnnData) -> np.ndarray:
+    if Key.OBSM_SPATIAL not in adata.obsm:
+        raise ValueError(
+            f"adata.obsm[{Key.OBSM_SPATIAL!r}] is missing: store the spot centres there (n_obs × 2, x then y)."
+        )
+    xy = np.asarray(adata.obsm[Key.OBSM_SPATIAL], dtype=np.float64)
+    if xy.ndim != 2 or xy.shape[1] < 2:
+        raise ValueError(f"adata.obsm[{Key.OBSM_SPATIAL!r}] must have shape (n_obs, 2), got {xy.shape}.")
+    xy = xy[:, :2]
+    if not np.isfinite(xy).all():
+        raise ValueError(f"adata.obsm[{Key.OBSM_SPATIAL!r}] holds NaN or infinite spot centres.")
+    return xy
+
+
+def _libraries(adata: AnnData, library_key: str | None) -> list[tuple[Any, np.ndarray]]:
+    if library_key is None:
+        return [(None, np.arange(adata.n_obs))]
+    if library_key not in adata.obs:
+        raise ValueError(
+            f"`library_key`={library_key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)[:10]})."
+        )
+    lib = adata.obs[library_key]
+    if lib.isna().any():
+        raise ValueError(f"adata.obs[{library_key!r}] has missing values; every spot needs a sample.")
+    codes, uniques = pd.factorize(lib, sort=False)
+    return [(uniques[k], np.flatnonzero(codes == k)) for k in range(len(uniques))]
+
+
+def _check_unique_positions(xy: np.ndarray, lib: Any) -> None:
+    if len(xy) < 2:
+        return
+    d, _ = cKDTree(xy).query(xy, k=2)
+    if (d[:, 1] == 0).any():
+        where = "" if lib is None else f" of sample {lib!r}"
+        raise ValueError(
+            f"{int((d[:, 1] == 0).sum())} spots{where} share their centre with another spot in "
+            f"obsm[{Key.OBSM_SPATIAL!r}]; remove duplicates (or pass `library_key` if they belong to "
+            "different samples)."
+        )
+
+
+def _pitch(xy: np.ndarray) -> float:
+    """Lattice pitch: median over spots of the median distance to their 4 nearest spots.
+
+    On both lattices the 4 nearest spots of an interior spot are first-ring neighbours, so this is
+    robust to positional jitter, which biases the plain nearest-neighbour distance low (the minimum of
+    several noisy distances), and to border spots (3 of their 4 nearest are still first-ring).
+    """
+    if len(xy) < 2:
+        return float("nan")
+    k = min(4, len(xy) - 1)
+    d, _ = cKDTree(xy).query(xy, k=k + 1)
+    return float(np.median(np.median(np.asarray(d).reshape(len(xy), k + 1)[:, 1:], axis=1)))
+
+
+def _array_coords(adata: AnnData, idx: np.ndarray) -> np.ndarray | None:
+    """Integer (row, col) array coordinates of the spots, or ``None`` when absent/not integer."""
+    if _ARRAY_ROW not in adata.obs or _ARRAY_COL not in adata.obs:
+        return None
+    rc = np.column_stack(
+        [
+            pd.to_numeric(adata.obs[k].iloc[idx], errors="coerce").to_numpy(dtype=np.float64)
+            for k in (_ARRAY_ROW, _ARRAY_COL)
+        ]
+    )
+    if not np.isfinite(rc).all() or (rc != np.round(rc)).any():
+        return None
+    return rc.astype(np.int64)
+
+
+def _is_hex_parity(rc: np.ndarray) -> bool:
+    return len(rc) > 1 and len(np.unique((rc[:, 0] + rc[:, 1]) % 2)) == 1
+
+
+def _reader_layout(adata: AnnData, lib: Any, library_key: str | None) -> str | None:
+    block = adata.uns.get(Key.UNS)
+    spots = block.get(Key.UNS_SPOTS) if isinstance(block, dict) else None
+    if not isinstance(spots, dict) or not spots:
+        return None
+    if library_key is not None:
+        entry = spots.get(str(lib))
+    elif len(spots) == 1:
+        entry = next(iter(spots.values()))
+    else:
+        return None
+    value = entry.get("layout") if isinstance(entry, dict) else None
+    return value if value in _EXPECTED else None
+
+
+def _detect_layout(adata: AnnData, idx: np.ndarray, xy: np.ndarray, lib: Any, library_key: str | None) -> str:
+    where = "" if lib is None else f" for sample {lib!r}"
+    found = _reader_layout(adata, lib, library_key)
+    if found is not None:
+        logger.debug(f"niches: layout {found!r}{where} from .uns[{Key.UNS!r}][{Key.UNS_SPOTS!r}].")
+        return found
+    rc = _array_coords(adata, idx)
+    if rc is not None and len(rc) > 1:
+        found = "visium" if _is_hex_parity(rc) else "st"
+        logger.debug(f"niches: layout {found!r}{where} from the parity of the array coordinates.")
+        return found
+    if len(xy) > 1:
+        pitch = _pitch(xy)
+        tree = cKDTree(xy)
+        counts = np.asarray([len(v) for v in tree.query_ball_point(xy, r=pitch * _DETECT_FACTOR)]) - 1
+        n_hex, n_square = int((counts >= 5).sum()), int((counts == 4).sum())
+        if n_hex or n_square:
+            found = "visium" if n_hex > n_square else "st"
+            logger.debug(f"niches: layout {found!r}{where} from the spot geometry ({n_hex} vs {n_square}).")
+            return found
+    raise ValueError(
+        f"niches: cannot detect the spot layout{where} (no reader metadata, no integer obs "
+        f"'{_ARRAY_ROW}'/'{_ARRAY_COL}', no spot with 4+ neighbours at the pitch); pass layout='visium', "
+        "'st', 'radius' (with radius=) or 'knn' (with n_neighs=)."
+    )
+
+
+def _radius_pairs(xy: np.ndarray, r: float) -> tuple[np.ndarray, np.ndarray]:
+    """Directed pairs (both directions) of points closer than ``r``, without self pairs."""
+    if len(xy) < 2:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty
+    pairs = cKDTree(xy).query_pairs(r=r, output_type="ndarray").astype(np.int64)
+    return np.concatenate([pairs[:, 0], pairs[:, 1]]), np.concatenate([pairs[:, 1], pairs[:, 0]])
+
+
+def _graph(
+    adata: AnnData,
+    idx: np.ndarray,
+    xy: np.ndarray,
+    layout: str,
+    *,
+    radius: float | None,
+    n_neighs: int | None,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Local (row, col) edge lists of one library and what was used to build them."""
+    if layout == "knn":
+        k = int(min(n_neighs, len(xy) - 1))  # type: ignore[arg-type]
+        if k < 1:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty, {"n_neighs": 0}
+        _, nn = cKDTree(xy).query(xy, k=k + 1)
+        nn = np.asarray(nn).reshape(len(xy), k + 1)
+        not_self = nn != np.arange(len(xy))[:, None]
+        # first k entries that are not the spot itself (positions are unique, so self is the nearest)
+        pick = np.argsort(~not_self, axis=1, kind="stable")[:, :k]
+        cols = np.take_along_axis(nn, pick, axis=1).ravel()
+        rows = np.repeat(np.arange(len(xy)), k)
+        return rows, cols, {"n_neighs": k}
+    if layout == "radius" or radius is not None:
+        rows, cols = _radius_pairs(xy, float(radius))  # type: ignore[arg-type]
+        return rows, cols, {"source": "spatial", "radius": float(radius)}  # type: ignore[arg-type]
+    rc = _array_coords(adata, idx)
+    if rc is not None and (layout == "st" or _is_hex_parity(rc)):
+        if layout == "visium":  # doubled columns: lattice neighbours all at distance 2
+            lattice = np.column_stack([rc[:, 1], rc[:, 0] * np.sqrt(3.0)])
+            r = 2.0 * 1.01
+        else:
+            lattice = np.column_stack([rc[:, 1], rc[:, 0]]).astype(np.float64)
+            r = np.sqrt(2.0) * 1.01
+        rows, cols = _radius_pairs(lattice, r)
+        return rows, cols, {"source": "array_coordinates"}
+    if rc is not None:
+        logger.warning(
+            "niches: obs array coordinates do not follow the Visium convention (one parity of row + col); "
+            "using obsm['spatial'] geometry instead."
+        )
+    pitch = _pitch(xy)
+    if not np.isfinite(pitch):
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, {"source": "spatial"}
+    r = pitch * _RADIUS_FACTOR[layout]
+    rows, cols = _radius_pairs(xy, r)
+    return rows, cols, {"source": "spatial", "pitch": pitch, "radius": float(r)}

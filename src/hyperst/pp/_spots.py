@@ -1,0 +1,495 @@
+"""Spot geometry: find each sample's image, spots and table in a SpatialData and put spots in image pixels.
+
+Everything downstream (crops, niches, features) works in level-0 pixels of the sample's image, with
+a physical pixel size in µm. This module resolves both, honouring the coordinate transformations
+between the spots' and the image's coordinate systems.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from hyperst._constants import Key
+from hyperst._logging import logger
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+__all__ = ["LAYOUTS", "SampleSpots", "resolve_spots", "spot_table"]
+
+Layout = Literal["visium", "st", "generic"]
+
+#: Physical defaults per layout: spot diameter and centre-to-centre pitch in µm.
+LAYOUTS: dict[str, dict[str, float]] = {
+    "visium": {"spot_diameter": 55.0, "pitch": 100.0},
+    "st": {"spot_diameter": 100.0, "pitch": 200.0},
+}
+
+
+@dataclass
+class SampleSpots:
+    """The spots of one sample, in level-0 pixels of its image.
+
+    Attributes
+    ----------
+    sample
+        Sample name (the table's sample column value, else the shapes element's name).
+    image_key
+        Image element holding the H&E.
+    shapes_key
+        Shapes (or points) element holding the spots.
+    table_key
+        Table annotating the spots, or ``None``.
+    coordinate_system
+        Coordinate system in which spots and image were matched.
+    obs_names
+        Table ``obs_names`` of the spots (shapes index when there is no table), in table order.
+    table_rows
+        Row positions of these spots in the table (``None`` without a table).
+    centers_px
+        ``(n, 2)`` spot centres as (x = column, y = row) in level-0 image pixels.
+    image_shape
+        ``(height, width)`` of level 0.
+    pixel_size
+        µm per level-0 pixel.
+    spot_diameter
+        Spot diameter in µm.
+    pitch
+        Centre-to-centre distance of neighbouring spots in µm (``None`` when not on a grid).
+    layout
+        ``"visium"`` (hexagonal), ``"st"`` (square grid) or ``"generic"``.
+    pixel_size_source
+        Where ``pixel_size`` came from: ``"argument"``, ``"metadata"``, ``"spot_diameter"`` or
+        ``"pitch"``.
+    """
+
+    sample: str
+    image_key: str
+    shapes_key: str
+    table_key: str | None
+    coordinate_system: str
+    obs_names: pd.Index
+    table_rows: np.ndarray | None
+    centers_px: np.ndarray
+    image_shape: tuple[int, int]
+    pixel_size: float
+    spot_diameter: float
+    pitch: float | None
+    layout: str
+    pixel_size_source: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_spots(self) -> int:
+        """Number of spots."""
+        return len(self.obs_names)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-compatible record of what was resolved (stored in ``.uns["hyperst"]["spots"]``)."""
+        out = {k: v for k, v in asdict(self).items() if k not in ("obs_names", "table_rows", "centers_px", "extra")}
+        out["image_shape"] = [int(v) for v in self.image_shape]
+        out["n_spots"] = self.n_spots
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _names(elements: Mapping[str, Any]) -> list[str]:
+    return sorted(elements.keys())
+
+
+def _coordinate_systems(element: Any) -> set[str]:
+    from spatialdata.transformations import get_transformation
+
+    return set(get_transformation(element, get_all=True).keys())
+
+
+def _affine_xy(element: Any, coordinate_system: str) -> np.ndarray:
+    """3×3 affine of ``element``'s intrinsic (x, y) to ``coordinate_system``."""
+    from spatialdata.transformations import get_transformation
+
+    t = get_transformation(element, to_coordinate_system=coordinate_system)
+    return np.asarray(t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=np.float64)
+
+
+def _level0(image: Any) -> Any:
+    """The full-resolution DataArray of an image element (plain or multiscale)."""
+    import xarray as xr
+
+    if isinstance(image, xr.DataArray):
+        return image
+    from spatialdata import get_pyramid_levels
+
+    return get_pyramid_levels(image, n=0)
+
+
+def _image_shape(image: Any) -> tuple[int, int]:
+    arr = _level0(image)
+    return int(arr.sizes["y"]), int(arr.sizes["x"])
+
+
+def _spot_centres_and_diameters(element: Any) -> tuple[pd.Index, np.ndarray, np.ndarray | None]:
+    """Intrinsic centres ``(n, 2)`` and diameters (``None`` for points) of a shapes/points element."""
+    import geopandas as gpd
+
+    if isinstance(element, gpd.GeoDataFrame):
+        geom = element.geometry
+        if len(geom) == 0:
+            raise ValueError("The spots element is empty: no spot to process.")
+        kinds = set(geom.geom_type)
+        if kinds <= {"Point"}:
+            xy = np.column_stack([geom.x.to_numpy(), geom.y.to_numpy()]).astype(np.float64)
+            diam = 2.0 * element["radius"].to_numpy(dtype=np.float64) if "radius" in element.columns else None
+            return element.index, xy, diam
+        if kinds <= {"Polygon", "MultiPolygon"}:
+            cent = geom.centroid
+            xy = np.column_stack([cent.x.to_numpy(), cent.y.to_numpy()]).astype(np.float64)
+            diam = np.sqrt(4.0 * geom.area.to_numpy(dtype=np.float64) / np.pi)  # equivalent-area diameter
+            return element.index, xy, diam
+        raise ValueError(f"Spots must be circles, polygons or points; found geometry types {sorted(kinds)}.")
+    # points (dask dataframe)
+    df = element.compute() if hasattr(element, "compute") else element
+    if len(df) == 0:
+        raise ValueError("The spots element is empty: no spot to process.")
+    xy = df[["x", "y"]].to_numpy(dtype=np.float64)
+    return df.index, xy, None
+
+
+def _grid_geometry(xy: np.ndarray) -> tuple[float | None, str]:
+    """Median nearest-neighbour distance and layout guess ("visium" hex, "st" square, "generic")."""
+    n = len(xy)
+    if n < 4:
+        return None, "generic"
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(xy)
+    k = min(9, n)
+    dist, _ = tree.query(xy, k=k)
+    nn = dist[:, 1]
+    pitch = float(np.median(nn))
+    if not np.isfinite(pitch) or pitch <= 0:
+        return None, "generic"
+    # neighbours at the pitch distance (±10 %) for spots with a full ring
+    ring = (np.abs(dist[:, 1:] - pitch) <= 0.1 * pitch).sum(axis=1)
+    regular = float(np.mean(np.abs(nn - pitch) <= 0.1 * pitch))
+    if regular < 0.8:
+        return pitch, "generic"
+    full = ring.max()
+    if full == 6:
+        return pitch, "visium"
+    if full == 4:
+        return pitch, "st"
+    return pitch, "generic"
+
+
+def _metadata(table: AnnData | None, sample: str) -> dict[str, Any]:
+    if table is None:
+        return {}
+    meta = table.uns.get(Key.UNS, {}).get(Key.UNS_SPOTS, {})
+    entry = meta.get(sample, {}) if isinstance(meta, Mapping) else {}
+    return dict(entry) if isinstance(entry, Mapping) else {}
+
+
+def _check_positive(name: str, value: float | None) -> None:
+    if value is not None and not (np.isfinite(value) and value > 0):
+        raise ValueError(f"`{name}` must be a positive number of µm, got {value!r}.")
+
+
+# ---------------------------------------------------------------------------------------------- public
+def resolve_spots(
+    sdata: SpatialData,
+    *,
+    image_key: str | Mapping[str, str] | None = None,
+    shapes_key: str | Sequence[str] | None = None,
+    table_key: str | None = None,
+    coordinate_system: str | None = None,
+    pixel_size: float | None = None,
+    spot_diameter: float | None = None,
+    pitch: float | None = None,
+    sample_key: str = "sample",
+) -> list[SampleSpots]:
+    """Resolve, per sample, the image, the spot shapes and the table, and put the spots in image pixels.
+
+    Keys are inferred when unambiguous; otherwise the error lists the candidates. The transformation
+    from the spots' coordinates to the image's level-0 pixels goes through the coordinate system the
+    two share.
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData object.
+    image_key
+        Image element name, or a mapping ``shapes key → image key`` for several samples. Inferred
+        from the coordinate system shared with the spots when ``None``.
+    shapes_key
+        Spots element name(s) (circles, polygons or points). When ``None``: the elements annotated by
+        the table, else the only shapes element.
+    table_key
+        Table annotating the spots. When ``None``: the only table, if any (a table is optional).
+    coordinate_system
+        Coordinate system in which to match spots and image. When ``None``: the one spots and image
+        share (an error lists them if several match).
+    pixel_size
+        µm per level-0 pixel of the image. When ``None``: from the reader's metadata
+        (``table.uns["hyperst"]["spots"]``), else from ``spot_diameter`` and the spot size in pixels,
+        else from ``pitch`` and the grid spacing in pixels.
+    spot_diameter
+        Spot diameter in µm (default: metadata, else 55 for a Visium hexagonal layout, 100 for a
+        legacy ST square grid).
+    pitch
+        Centre-to-centre spot distance in µm (default: metadata, else 100 Visium, 200 ST).
+    sample_key
+        ``.obs`` column of the table naming samples (used for names and metadata).
+
+    Returns
+    -------
+    One :class:`SampleSpots` per spots element.
+
+    Raises
+    ------
+    ValueError
+        No image, no spots, ambiguous keys, no shared coordinate system, spots outside the image, a
+        non-positive or unresolvable pixel size.
+    """
+    from spatialdata.models import get_table_keys
+
+    for name, value in (("pixel_size", pixel_size), ("spot_diameter", spot_diameter), ("pitch", pitch)):
+        _check_positive(name, value)
+    if len(sdata.images) == 0:
+        raise ValueError("`sdata` has no image element: hyperst needs the H&E image (add it to `sdata.images`).")
+
+    # -- table
+    table = None
+    if table_key is None:
+        if len(sdata.tables) == 1:
+            table_key = next(iter(sdata.tables.keys()))
+        elif len(sdata.tables) > 1:
+            raise ValueError(f"`sdata` has several tables {_names(sdata.tables)}: pass `table_key`.")
+    if table_key is not None:
+        if table_key not in sdata.tables:
+            raise ValueError(f"`table_key={table_key!r}` is not a table of `sdata`; tables: {_names(sdata.tables)}.")
+        table = sdata.tables[table_key]
+
+    # -- spots elements
+    spot_elements = {**dict(sdata.shapes.items()), **dict(sdata.points.items())}
+    if shapes_key is None:
+        annotated: list[str] = []
+        if table is not None and table.uns.get("spatialdata_attrs"):
+            region, _, _ = get_table_keys(table)
+            annotated = [region] if isinstance(region, str) else list(region)
+            annotated = [r for r in annotated if r in spot_elements]
+        if annotated:
+            shapes_keys = annotated
+        elif len(sdata.shapes) == 1:
+            shapes_keys = _names(sdata.shapes)
+        elif len(sdata.shapes) == 0:
+            raise ValueError(
+                "`sdata` has no shapes element with spots. Pass spots as circles/polygons/points, or use "
+                "`hst.tl.predict`, which can place pseudo-spots on a grid over the tissue."
+            )
+        else:
+            raise ValueError(f"`sdata` has several shapes elements {_names(sdata.shapes)}: pass `shapes_key`.")
+    else:
+        shapes_keys = [shapes_key] if isinstance(shapes_key, str) else list(shapes_key)
+        missing = [k for k in shapes_keys if k not in spot_elements]
+        if missing:
+            raise ValueError(
+                f"`shapes_key` {missing} not found; shapes: {_names(sdata.shapes)}, points: {_names(sdata.points)}."
+            )
+
+    region_key = instance_key = None
+    if table is not None and table.uns.get("spatialdata_attrs"):
+        _, region_key, instance_key = get_table_keys(table)
+
+    out: list[SampleSpots] = []
+    for skey in shapes_keys:
+        element = spot_elements[skey]
+        index, xy, diam = _spot_centres_and_diameters(element)
+
+        # -- image and coordinate system
+        spot_cs = _coordinate_systems(element)
+        if coordinate_system is not None:
+            if coordinate_system not in spot_cs:
+                raise ValueError(
+                    f"Spots `{skey}` are not in coordinate system {coordinate_system!r}; they are in "
+                    f"{sorted(spot_cs)}. Pass one of these as `coordinate_system`."
+                )
+            spot_cs = {coordinate_system}
+        if isinstance(image_key, Mapping):
+            ikey = image_key.get(skey)
+            if ikey is None:
+                raise ValueError(f"`image_key` has no entry for spots `{skey}`.")
+            candidates = [ikey]
+        elif image_key is not None:
+            candidates = [image_key]
+        else:
+            candidates = [k for k, im in sdata.images.items() if _coordinate_systems(im) & spot_cs]
+            if len(candidates) > 1:
+                preferred = [k for k in candidates if k.rsplit("_", 1)[0] == skey.rsplit("_", 1)[0]]
+                candidates = preferred if len(preferred) == 1 else candidates
+        for ikey in candidates:
+            if ikey not in sdata.images:
+                raise ValueError(f"`image_key={ikey!r}` is not an image of `sdata`; images: {_names(sdata.images)}.")
+        if not candidates:
+            raise ValueError(
+                f"No image shares a coordinate system with spots `{skey}` (spots: {sorted(spot_cs)}; images: "
+                + ", ".join(f"{k}: {sorted(_coordinate_systems(v))}" for k, v in sdata.images.items())
+                + "). Register both in one coordinate system, or pass `image_key` and `coordinate_system`."
+            )
+        if len(candidates) > 1:
+            raise ValueError(f"Several images match spots `{skey}`: {sorted(candidates)}. Pass `image_key`.")
+        ikey = candidates[0]
+        image = sdata.images[ikey]
+        shared = sorted(_coordinate_systems(image) & spot_cs)
+        if not shared:
+            raise ValueError(
+                f"Image `{ikey}` (coordinate systems {sorted(_coordinate_systems(image))}) and spots `{skey}` "
+                f"(coordinate systems {sorted(spot_cs)}) share no coordinate system: their positions cannot be "
+                "matched. Add a transformation of both to a common coordinate system."
+            )
+        cs = shared[0]
+
+        # -- spots → level-0 image pixels
+        to_px = np.linalg.inv(_affine_xy(image, cs)) @ _affine_xy(element, cs)
+        for other in shared[1:]:
+            alt = np.linalg.inv(_affine_xy(image, other)) @ _affine_xy(element, other)
+            if not np.allclose(alt, to_px, rtol=1e-6, atol=1e-6):
+                raise ValueError(
+                    f"Spots `{skey}` and image `{ikey}` are related differently in coordinate systems {shared}; "
+                    "pass `coordinate_system`."
+                )
+        centers = xy @ to_px[:2, :2].T + to_px[:2, 2]
+        scale_px = float(np.sqrt(abs(np.linalg.det(to_px[:2, :2]))))
+        diam_px = None if diam is None else diam * scale_px
+
+        # -- table rows
+        rows = None
+        obs_names = pd.Index(index.astype(str))
+        sample = skey
+        if table is not None and region_key is not None:
+            obs = table.obs
+            mask = (obs[region_key].astype(str) == skey).to_numpy()
+            if mask.any():
+                inst = obs.loc[mask, instance_key].to_numpy()
+                pos = pd.Index(index).get_indexer(inst)
+                if (pos < 0).any():
+                    raise ValueError(
+                        f"{int((pos < 0).sum())} table rows of region `{skey}` have no matching spot "
+                        f"(`{instance_key}` not in the shapes index)."
+                    )
+                rows = np.flatnonzero(mask)
+                centers = centers[pos]
+                diam_px = None if diam_px is None else diam_px[pos]
+                obs_names = table.obs_names[mask]
+                if sample_key in obs.columns:
+                    values = obs.loc[mask, sample_key].astype(str).unique()
+                    if len(values) == 1:
+                        sample = str(values[0])
+            elif table_key is not None:
+                logger.warning(f"Table `{table_key}` has no rows for spots `{skey}`; using the shapes alone.")
+
+        height, width = _image_shape(image)
+        outside = (centers[:, 0] < 0) | (centers[:, 0] >= width) | (centers[:, 1] < 0) | (centers[:, 1] >= height)
+        if outside.any():
+            raise ValueError(
+                f"{int(outside.sum())} of {len(centers)} spots of `{skey}` lie outside image `{ikey}` "
+                f"({width}×{height} px) in coordinate system {cs!r}: check the transformations of the spots and "
+                "the image (e.g. spots in full-resolution pixels while the image is a downscaled version)."
+            )
+
+        # -- physical size
+        meta = _metadata(table, sample) or _metadata(table, skey)
+        grid_pitch_px, layout = _grid_geometry(centers)
+        layout = meta.get("layout", layout)
+        defaults = LAYOUTS.get(layout, {})
+        diam_um = spot_diameter or meta.get("spot_diameter") or defaults.get("spot_diameter")
+        pitch_um = pitch or meta.get("pitch") or defaults.get("pitch")
+        median_diam_px = None if diam_px is None else float(np.median(diam_px))
+        if pixel_size is not None:
+            px, source = float(pixel_size), "argument"
+        elif meta.get("pixel_size"):
+            px, source = float(meta["pixel_size"]), "metadata"
+        elif diam_um and median_diam_px:
+            px, source = float(diam_um) / median_diam_px, "spot_diameter"
+        elif pitch_um and grid_pitch_px:
+            px, source = float(pitch_um) / grid_pitch_px, "pitch"
+        else:
+            raise ValueError(
+                f"Cannot determine the pixel size of `{ikey}` for spots `{skey}` (layout {layout!r}, no spot "
+                "diameter in pixels or no regular grid). Pass `pixel_size` (µm per pixel) or `spot_diameter` (µm)."
+            )
+        _check_positive("pixel_size", px)
+        if diam_um is None:
+            diam_um = median_diam_px * px if median_diam_px else None
+        if diam_um is None:
+            raise ValueError(f"Cannot determine the spot diameter of `{skey}`: pass `spot_diameter` (µm).")
+        if pitch_um is None and grid_pitch_px is not None and layout != "generic":
+            pitch_um = grid_pitch_px * px
+        out.append(
+            SampleSpots(
+                sample=sample,
+                image_key=ikey,
+                shapes_key=skey,
+                table_key=table_key,
+                coordinate_system=cs,
+                obs_names=obs_names,
+                table_rows=rows,
+                centers_px=centers,
+                image_shape=(height, width),
+                pixel_size=px,
+                spot_diameter=float(diam_um),
+                pitch=None if pitch_um is None else float(pitch_um),
+                layout=layout,
+                pixel_size_source=source,
+            )
+        )
+        logger.info(
+            f"{sample}: {len(centers)} spots on `{ikey}` ({layout}), pixel size {px:.4g} µm from {source}, "
+            f"spot diameter {float(diam_um):.4g} µm"
+        )
+    return out
+
+
+def spot_table(sdata: SpatialData, *, shapes_key: str | None = None, table_key: str = "table") -> AnnData:
+    """Create a table without measurements that annotates a spots element (for H&E-only prediction).
+
+    Parameters
+    ----------
+    sdata
+        SpatialData with the spots; gains the table under ``table_key``.
+    shapes_key
+        Spots element; inferred when there is only one shapes element.
+    table_key
+        Name of the new table; must not exist yet.
+
+    Returns
+    -------
+    The new table (also stored in ``sdata.tables[table_key]``), with no genes and the spot centres in
+    ``.obsm["spatial"]`` (intrinsic coordinates of the shapes).
+    """
+    import anndata as ad
+    from spatialdata.models import TableModel
+
+    if table_key in sdata.tables:
+        raise ValueError(f"`sdata` already has a table {table_key!r}; choose another `table_key`.")
+    if shapes_key is None:
+        if len(sdata.shapes) != 1:
+            raise ValueError(f"Pass `shapes_key`; shapes elements: {_names(sdata.shapes)}.")
+        shapes_key = next(iter(sdata.shapes.keys()))
+    if shapes_key not in sdata.shapes:
+        raise ValueError(f"`shapes_key={shapes_key!r}` not found; shapes: {_names(sdata.shapes)}.")
+    index, xy, _ = _spot_centres_and_diameters(sdata.shapes[shapes_key])
+    obs = pd.DataFrame(
+        {"region": pd.Categorical([shapes_key] * len(index)), "instance_id": np.asarray(index)},
+        index=[f"{shapes_key}-{i}" for i in index],
+    )
+    table = ad.AnnData(X=np.zeros((len(index), 0), dtype=np.float32), obs=obs)
+    table.obsm[Key.OBSM_SPATIAL] = xy
+    table = TableModel.parse(table, region=shapes_key, region_key="region", instance_key="instance_id")
+    sdata.tables[table_key] = table
+    return table

@@ -1,0 +1,440 @@
+"""``hst.tl.fit`` and ``hst.tl.predict`` on tables with precomputed image features (frozen mode)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from hyperst._constants import Key
+from hyperst._logging import logger
+from hyperst.nn import HyperSTConfig
+from hyperst.tl._model import HyperST, _jsonable, resolve_device
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+    from hyperst.tl._train import FeatureData
+
+__all__ = ["fit", "predict"]
+
+Validation = Literal["auto", "slide", "spatial"] | Sequence[str] | np.ndarray | None
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def _tables(data: Any, table_key: str | None) -> list[AnnData]:
+    """The AnnData tables behind ``data`` (AnnData, SpatialData, or a list of either)."""
+    from anndata import AnnData
+
+    items = list(data) if isinstance(data, list | tuple) else [data]
+    if not items:
+        raise ValueError("`data` is empty: pass an AnnData, a SpatialData, or a list of them.")
+    tables = []
+    for item in items:
+        if isinstance(item, AnnData):
+            tables.append(item)
+            continue
+        if hasattr(item, "tables"):
+            keys = list(item.tables.keys())
+            key = table_key
+            if key is None:
+                if len(keys) != 1:
+                    raise ValueError(f"A SpatialData in `data` has tables {sorted(keys)}: pass `table_key`.")
+                key = keys[0]
+            if key not in item.tables:
+                raise ValueError(f"`table_key={key!r}` is not a table of the SpatialData; tables: {sorted(keys)}.")
+            tables.append(item.tables[key])
+            continue
+        raise TypeError(f"`data` must hold AnnData or SpatialData objects, got {type(item).__name__}.")
+    return tables
+
+
+def _features(adata: AnnData, key: str, what: str) -> np.ndarray:
+    if key not in adata.obsm:
+        raise ValueError(
+            f"The table has no {what} features in `.obsm[{key!r}]`. Compute them first with "
+            "`hst.pp.image_features(sdata, backbone=...)`, or pass the key holding them."
+        )
+    x = np.asarray(adata.obsm[key], dtype=np.float32)
+    if x.ndim != 2 or len(x) != adata.n_obs:
+        raise ValueError(f"`.obsm[{key!r}]` must be a 2-d array with one row per spot, got shape {x.shape}.")
+    return x
+
+
+def _samples(adatas: list[AnnData], sample_key: str) -> np.ndarray:
+    labels = []
+    for i, a in enumerate(adatas):
+        if sample_key in a.obs.columns:
+            labels.append(a.obs[sample_key].astype(str).to_numpy())
+        else:
+            labels.append(np.full(a.n_obs, f"table{i}" if len(adatas) > 1 else "sample0"))
+    return np.concatenate(labels)
+
+
+def _niche_targets(adata: AnnData, genes: list[str], layer: str | None, sample_key: str) -> np.ndarray:
+    from hyperst.pp._niches import niches
+
+    record = adata.uns.get(Key.UNS, {}).get(Key.UNS_NICHES, {})
+    have = list(record.get("genes", [])) if Key.OBSM_NICHE_EXPRESSION in adata.obsm else []
+    if not set(genes) <= set(have):
+        niches(adata, genes=genes, layer=layer, library_key=sample_key if sample_key in adata.obs.columns else None)
+        have = list(adata.uns[Key.UNS][Key.UNS_NICHES]["genes"])
+    pos = pd.Index(have).get_indexer(genes)
+    return np.asarray(adata.obsm[Key.OBSM_NICHE_EXPRESSION], dtype=np.float32)[:, pos]
+
+
+def _provenance(adatas: list[AnnData]) -> tuple[dict | None, dict | None]:
+    rec = adatas[0].uns.get(Key.UNS, {}).get(Key.UNS_FEATURES)
+    if not isinstance(rec, Mapping):
+        return None, None
+    return rec.get("backbone"), rec.get("crop_geometry")
+
+
+def _split(
+    adatas: list[AnnData],
+    samples: np.ndarray,
+    validation: Validation,
+    val_fraction: float,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Boolean train/validation masks over the concatenated spots, and a description."""
+    from hyperst.tl._train import spatial_block_split
+
+    n = len(samples)
+    uniq = list(pd.unique(samples))
+    if validation is None:
+        return np.ones(n, bool), np.zeros(n, bool), "none"
+    if isinstance(validation, np.ndarray) and validation.dtype == bool:
+        if len(validation) != n:
+            raise ValueError(f"`validation` mask has {len(validation)} entries for {n} spots.")
+        return ~validation, validation.copy(), "mask"
+    if not isinstance(validation, str):
+        names = [str(v) for v in validation]
+        unknown = sorted(set(names) - set(uniq))
+        if unknown:
+            raise ValueError(f"`validation` names unknown samples {unknown}; samples: {uniq}.")
+        val = np.isin(samples, names)
+        if val.all():
+            raise ValueError("`validation` holds every sample: nothing is left to train on.")
+        return ~val, val, f"slides {names}"
+    if validation not in ("auto", "slide", "spatial"):
+        raise ValueError(
+            f"`validation` must be 'auto', 'slide', 'spatial', sample names, a mask or None; got {validation!r}."
+        )
+    if validation == "slide" or (validation == "auto" and len(uniq) >= 3):
+        if len(uniq) < 2:
+            raise ValueError("`validation='slide'` needs at least two samples.")
+        rng = np.random.default_rng(seed)
+        n_val = min(len(uniq) - 1, max(1, round(val_fraction * len(uniq))))
+        names = [uniq[i] for i in sorted(rng.choice(len(uniq), size=n_val, replace=False))]
+        val = np.isin(samples, names)
+        return ~val, val, f"slides {names}"
+    # spatially blocked split inside every sample
+    coords = np.concatenate([_coords(a) for a in adatas])
+    train = np.zeros(n, bool)
+    val = np.zeros(n, bool)
+    for s in uniq:
+        idx = np.flatnonzero(samples == s)
+        xy = coords[idx]
+        pitch = _pitch(xy)
+        extent = float(np.max(xy.max(0) - xy.min(0)))
+        block = max(3 * pitch, extent / 5)
+        t, v = spatial_block_split(xy, val_fraction=val_fraction, block_size=block, buffer=1.5 * pitch, seed=seed)
+        train[idx[t]] = True
+        val[idx[v]] = True
+    return train, val, "spatial blocks"
+
+
+def _coords(adata: AnnData) -> np.ndarray:
+    if Key.OBSM_SPATIAL not in adata.obsm:
+        raise ValueError(
+            f"A spatially blocked validation split needs spot coordinates in `.obsm[{Key.OBSM_SPATIAL!r}]`; "
+            "pass `validation=None` or sample names instead."
+        )
+    return np.asarray(adata.obsm[Key.OBSM_SPATIAL], dtype=np.float64)[:, :2]
+
+
+def _pitch(xy: np.ndarray) -> float:
+    from scipy.spatial import cKDTree
+
+    if len(xy) < 2:
+        return 1.0
+    d, _ = cKDTree(xy).query(xy, k=2)
+    return float(np.median(d[:, 1]))
+
+
+# ---------------------------------------------------------------------------------------------- fit
+def fit(
+    data: AnnData | SpatialData | Sequence[AnnData | SpatialData],
+    *,
+    genes: Sequence[str] | None = None,
+    preset: str = "hyperst",
+    config: Mapping[str, Any] | None = None,
+    validation: Validation = "auto",
+    val_fraction: float = 0.15,
+    sample_key: str = "sample",
+    table_key: str | None = None,
+    layer: str | None = None,
+    normalize: bool = False,
+    spot_key: str = Key.OBSM_FEATURES_SPOT,
+    niche_key: str = Key.OBSM_FEATURES_NICHE,
+    max_epochs: int = 200,
+    batch_size: int = 128,
+    lr: float = 1e-4,
+    weight_decay: float = 0.01,
+    patience: int = 10,
+    seed: int = 42,
+    device: str = "auto",
+    precision: str = "auto",
+    devices: int | str | Sequence[int] = "auto",
+    strategy: str | Any = "auto",
+    num_nodes: int = 1,
+    num_workers: int = 0,
+    progress: bool = True,
+    trainer_kwargs: Mapping[str, Any] | None = None,
+) -> HyperST:
+    """Train HyperST on spots with measured expression and precomputed image features (frozen mode).
+
+    Image features come from :func:`hyperst.pp.image_features` (``.obsm`` keys ``spot_key`` and
+    ``niche_key``); only the HyperST heads train, so this runs on a laptop CPU.
+
+    Parameters
+    ----------
+    data
+        One AnnData/SpatialData or a list of them. Each table holds raw counts, the features, and
+        (for spatial validation) ``.obsm["spatial"]``; samples are told apart by ``.obs[sample_key]``.
+    genes
+        Genes to predict. Default: the genes marked by :func:`hyperst.pp.select_genes` in the first
+        table (``.var["hyperst_selected"]``), else a fresh ``select_genes`` (HMHVG).
+    preset
+        Model variant (see :data:`hyperst.nn.PRESETS`).
+    config
+        Overrides of :class:`hyperst.nn.HyperSTConfig` fields (e.g. ``{"emb_dim": 256}``).
+    validation
+        ``"auto"``: hold out whole slides when there are three or more, else a spatially blocked split
+        (whole blocks of spots, with a one-niche buffer dropped from training so no neighbourhood
+        straddles the split); ``"slide"``, ``"spatial"``; a list of sample names; a boolean mask; or
+        ``None`` (train on everything for ``max_epochs``, no early stopping).
+    val_fraction
+        Fraction of slides (or spots) held out for validation.
+    sample_key
+        ``.obs`` column with sample names.
+    table_key
+        Table of each SpatialData (when it has several).
+    layer
+        Layer with raw counts (default ``.X``).
+    normalize
+        Library-size normalised targets (log2(1 + normalize_total)) instead of log2(1 + raw counts).
+    spot_key, niche_key
+        ``.obsm`` keys of the spot and niche image features.
+    max_epochs, batch_size, lr, weight_decay, patience
+        Optimisation (reference: 200, 128, 1e-4, 0.01, 10). Early stopping and best-weight
+        restoring use the validation loss.
+    seed
+        Seed of the initialisation, split and batching: the same seed gives the same model on CPU.
+    device
+        ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
+    precision
+        Lightning precision; ``"auto"``: bf16 mixed on GPU, fp32 on CPU.
+    devices, strategy, num_nodes
+        Passed to the Lightning ``Trainer`` (e.g. ``devices=4, strategy="ddp"``).
+    num_workers
+        DataLoader workers.
+    progress
+        Show Lightning's progress bar.
+    trainer_kwargs
+        Any other ``Trainer`` option.
+
+    Returns
+    -------
+    The trained :class:`HyperST`. Each training table also gains ``.obsm["X_hyperst"]`` (image spot
+    embedding), ``.obsm["X_hyperst_niche"]``, ``.obsm["X_hyperst_gene"]``,
+    ``.obsm["X_hyperst_gene_niche"]`` (Lorentz space coordinates, for the streams the model has) and
+    ``.uns["hyperst"]["fit"]`` (parameters and history); gene selection and niche expression keys are
+    added when they had to be computed.
+    """
+    from hyperst.pp._genes import select_genes, targets
+    from hyperst.tl._train import FeatureData, _TensorDataset, train
+
+    adatas = _tables(data, table_key)
+    if genes is None:
+        first = adatas[0]
+        if Key.VAR_SELECTED in first.var.columns and first.var[Key.VAR_SELECTED].any():
+            sel = first.var[first.var[Key.VAR_SELECTED]]
+            genes = list(sel.sort_values(Key.VAR_RANK).index) if Key.VAR_RANK in sel.columns else list(sel.index)
+        else:
+            genes = select_genes(adatas, layer=layer, library_key=sample_key if sample_key in first.obs else None)
+    genes = [str(g) for g in genes]
+    if not genes:
+        raise ValueError("No genes to predict: `genes` is empty.")
+
+    spot = np.concatenate([_features(a, spot_key, "spot") for a in adatas])
+    y = np.concatenate([targets(a, genes, layer=layer, normalize=normalize) for a in adatas])
+    preset_cfg = HyperSTConfig.from_preset(preset, n_genes=len(genes), image_dim=spot.shape[1], **(config or {}))
+    niche = yn = None
+    if preset_cfg.has_niche:
+        niche = np.concatenate([_features(a, niche_key, "niche") for a in adatas])
+        if niche.shape[1] != spot.shape[1]:
+            raise ValueError(f"Spot ({spot.shape[1]}) and niche ({niche.shape[1]}) features differ in size.")
+    if preset_cfg.uses_alignment and preset_cfg.has_niche:
+        yn = np.concatenate([_niche_targets(a, genes, layer, sample_key) for a in adatas])
+    data_arrays = FeatureData(spot=spot, niche=niche, targets=y, niche_targets=yn)
+
+    samples = _samples(adatas, sample_key)
+    train_mask, val_mask, split = _split(adatas, samples, validation, val_fraction, seed)
+    logger.info(f"training on {train_mask.sum()} spots, validating on {val_mask.sum()} ({split})")
+
+    import torch
+
+    torch.manual_seed(seed)
+    dev = resolve_device(device)
+    model_backbone, crop_geometry = _provenance(adatas)
+    model = HyperST(
+        preset_cfg,
+        genes=genes,
+        backbone=model_backbone,
+        crop_geometry=crop_geometry,
+        preprocessing={"targets": "log2p1", "normalize": bool(normalize), "layer": layer},
+    )
+    result = train(
+        model.network,
+        _TensorDataset(data_arrays, np.flatnonzero(train_mask)),
+        _TensorDataset(data_arrays, np.flatnonzero(val_mask)) if val_mask.any() else None,
+        max_epochs=max_epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        patience=patience,
+        seed=seed,
+        accelerator="gpu" if dev.type == "cuda" else "cpu",
+        devices=devices,
+        strategy=strategy,
+        num_nodes=num_nodes,
+        precision=precision,
+        num_workers=num_workers,
+        progress=progress,
+        trainer_kwargs=trainer_kwargs,
+    )
+    model.network.to(dev).eval()
+    model.history = result["history"]
+    model.training = {
+        "mode": "frozen",
+        "preset": preset,
+        "validation": split,
+        "n_train": int(train_mask.sum()),
+        "n_val": int(val_mask.sum()),
+        "validation_samples": sorted(set(samples[val_mask])) if split.startswith("slides") else None,
+        "max_epochs": max_epochs,
+        "epochs": result["epochs"],
+        "best_epoch": result["best_epoch"],
+        "best_val_loss": result["best_val_loss"],
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "patience": patience,
+        "seed": seed,
+        "precision": precision,
+    }
+    _write_embeddings(model, adatas, data_arrays)
+    return model
+
+
+def _write_embeddings(model: HyperST, adatas: list[AnnData], data: FeatureData) -> None:
+    import torch
+
+    net = model.network.eval()
+    keys = {
+        "image_spot": Key.OBSM_IMAGE_SPOT,
+        "image_niche": Key.OBSM_IMAGE_NICHE,
+        "gene_spot": Key.OBSM_GENE_SPOT,
+        "gene_niche": Key.OBSM_GENE_NICHE,
+    }
+    embs: dict[str, list[np.ndarray]] = {}
+    dev = model.device
+    with torch.inference_mode():
+        def rows(a: np.ndarray | None, sl: slice) -> torch.Tensor | None:
+            return None if a is None else torch.from_numpy(np.ascontiguousarray(a[sl], np.float32)).to(dev)
+
+        for start in range(0, len(data), 1024):
+            sl = slice(start, start + 1024)
+            out = net(rows(data.spot, sl), rows(data.niche, sl), rows(data.targets, sl), rows(data.niche_targets, sl))
+            for k, v in out.embeddings.items():
+                embs.setdefault(k, []).append(v.float().cpu().numpy())
+    merged = {k: np.concatenate(v) for k, v in embs.items()}
+    record = {"params": _jsonable(model.training), "genes": model.genes, "history": _jsonable(model.history),
+              "config": model.config.to_dict(), "curvature": float(model.network.curvature.detach().cpu())}
+    offset = 0
+    for a in adatas:
+        n = a.n_obs
+        for k, v in merged.items():
+            a.obsm[keys[k]] = v[offset : offset + n]
+        a.uns.setdefault(Key.UNS, {})[Key.UNS_FIT] = record
+        offset += n
+
+
+# ---------------------------------------------------------------------------------------------- predict
+def predict(
+    model: HyperST,
+    data: AnnData,
+    *,
+    spot_key: str = Key.OBSM_FEATURES_SPOT,
+    niche_key: str = Key.OBSM_FEATURES_NICHE,
+    layer: Literal["auto"] | bool = "auto",
+    batch_size: int = 1024,
+) -> AnnData:
+    """Predict expression for spots with precomputed image features.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`HyperST`.
+    data
+        Table with the spot (and niche) features in ``.obsm``; it is not modified.
+    spot_key, niche_key
+        ``.obsm`` keys of the features.
+    layer
+        Where the prediction goes in the returned table: ``"auto"`` puts it in
+        ``.layers["hyperst_pred"]`` when ``data`` holds measured counts of the model's genes (then
+        ``.X`` keeps those counts), else in ``.X``; ``True``/``False`` force either.
+    batch_size
+        Spots per forward pass.
+
+    Returns
+    -------
+    A new AnnData over the same spots and the model's genes with the prediction (log2(1 + counts)
+    scale), the image embeddings in ``.obsm["X_hyperst"]`` / ``.obsm["X_hyperst_niche"]``, a
+    confidence score in ``.obs["hyperst_confidence"]`` (see :meth:`HyperST.confidence`), and the
+    input's ``.obs``, ``.obsm["spatial"]`` and ``.uns["spatial"]`` when present.
+    """
+    import anndata as ad
+    import scipy.sparse as sp
+
+    spot = _features(data, spot_key, "spot")
+    niche = _features(data, niche_key, "niche") if model.config.has_niche else None
+    pred, embs = model.predict_features(spot, niche, batch_size=batch_size)
+    has_counts = set(model.genes) <= set(map(str, data.var_names))
+    to_layer = has_counts if layer == "auto" else bool(layer)
+    var = pd.DataFrame(index=pd.Index(model.genes, name=None))
+    if to_layer:
+        if not has_counts:
+            raise ValueError("`layer=True` needs the model's genes in `data` (their measured counts go to `.X`).")
+        x = data[:, model.genes].X
+        x = x.copy() if sp.issparse(x) else np.array(x, copy=True)
+        out = ad.AnnData(X=x, obs=data.obs.copy(), var=var)
+        out.layers[Key.LAYER_PRED] = pred
+    else:
+        out = ad.AnnData(X=pred, obs=data.obs.copy(), var=var)
+    if Key.OBSM_SPATIAL in data.obsm:
+        out.obsm[Key.OBSM_SPATIAL] = np.array(data.obsm[Key.OBSM_SPATIAL], copy=True)
+    if "spatial" in data.uns:
+        out.uns["spatial"] = data.uns["spatial"]
+    out.obsm[Key.OBSM_IMAGE_SPOT] = embs["image_spot"]
+    if "image_niche" in embs:
+        out.obsm[Key.OBSM_IMAGE_NICHE] = embs["image_niche"]
+    out.obs[Key.OBS_CONFIDENCE] = model.confidence(embs["image_spot"])
+    out.uns[Key.UNS] = {Key.UNS_PREDICT: {"genes": model.genes, "layer": Key.LAYER_PRED if to_layer else None,
+                                          "backbone": model.backbone, "crop_geometry": model.crop_geometry}}
+    return out

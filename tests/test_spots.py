@@ -1,0 +1,147 @@
+"""Spot geometry resolution: keys, transformations, pixel size and clear errors."""
+
+from __future__ import annotations
+
+import anndata as ad
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pytest
+from shapely.geometry import Point
+from spatialdata import SpatialData
+from spatialdata.models import Image2DModel, ShapesModel, TableModel
+from spatialdata.transformations import Identity, Scale, Sequence, Translation
+
+from hyperst.pp._spots import resolve_spots, spot_table
+
+
+def _hex(n_rows: int, n_cols: int, pitch: float, origin: float) -> np.ndarray:
+    rows, cols = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
+    x = origin + cols * pitch + (rows % 2) * pitch / 2
+    y = origin + rows * pitch * np.sqrt(3) / 2
+    return np.column_stack([x.ravel(), y.ravel()])
+
+
+def _square(n: int, pitch: float, origin: float) -> np.ndarray:
+    rows, cols = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    return np.column_stack([(origin + cols * pitch).ravel(), (origin + rows * pitch).ravel()])
+
+
+def _sdata(
+    xy: np.ndarray,
+    radius: float,
+    *,
+    image_shape: tuple[int, int] = (400, 500),
+    shapes_transform=None,
+    image_transform=None,
+    cs: str = "global",
+    image_cs: str | None = None,
+    table_order: np.ndarray | None = None,
+) -> SpatialData:
+    image = Image2DModel.parse(
+        np.full((3, *image_shape), 200, dtype=np.uint8),
+        dims=("c", "y", "x"),
+        transformations={image_cs or cs: image_transform or Identity()},
+    )
+    gdf = gpd.GeoDataFrame(
+        {"radius": np.full(len(xy), radius)}, geometry=[Point(x, y) for x, y in xy], index=np.arange(len(xy))
+    )
+    shapes = ShapesModel.parse(gdf, transformations={cs: shapes_transform or Identity()})
+    order = np.arange(len(xy)) if table_order is None else table_order
+    obs = pd.DataFrame(
+        {"region": pd.Categorical(["spots"] * len(xy)), "instance_id": order, "sample": "s0"},
+        index=[f"spot{i}" for i in order],
+    )
+    table = TableModel.parse(
+        ad.AnnData(np.ones((len(xy), 3), dtype=np.float32), obs=obs),
+        region="spots", region_key="region", instance_key="instance_id",
+    )
+    return SpatialData(images={"he": image}, shapes={"spots": shapes}, tables={"table": table})
+
+
+def test_visium_hex_identity() -> None:
+    pitch_px = 40.0
+    xy = _hex(5, 6, pitch_px, origin=50)
+    (spots,) = resolve_spots(_sdata(xy, radius=0.275 * pitch_px))
+    np.testing.assert_allclose(spots.centers_px, xy)
+    assert spots.layout == "visium"
+    assert spots.pixel_size_source == "spot_diameter"
+    assert spots.pixel_size == pytest.approx(55.0 / (0.55 * pitch_px))
+    assert spots.pitch == pytest.approx(100.0)
+    assert spots.spot_diameter == pytest.approx(55.0)
+    assert (spots.sample, spots.image_key, spots.shapes_key, spots.table_key) == ("s0", "he", "spots", "table")
+    assert spots.image_shape == (400, 500)
+    assert list(spots.obs_names[:2]) == ["spot0", "spot1"]
+
+
+def test_st_square_grid_uses_pitch_when_no_radius_information() -> None:
+    xy = _square(4, 60.0, origin=40)
+    (spots,) = resolve_spots(_sdata(xy, radius=15.0))
+    assert spots.layout == "st"
+    # radius 15 px → diameter 30 px = 100 µm → 3.33 µm/px; pitch then = 60 px × 3.33 = 200 µm
+    assert spots.pixel_size == pytest.approx(100 / 30)
+    assert spots.pitch == pytest.approx(200.0)
+    (spots,) = resolve_spots(_sdata(xy, radius=15.0), pixel_size=2.0)
+    assert (spots.pixel_size, spots.pixel_size_source) == (2.0, "argument")
+
+
+def test_non_identity_transformations() -> None:
+    # spots stored in µm (pixel size 0.5 µm/px → scale 2 to pixels) and shifted; image translated too
+    pitch_um = 100.0
+    xy_px = _hex(4, 4, 200.0, origin=150)  # where the spots truly are, in image pixels
+    image_tf = Sequence([Scale([0.5, 0.5], axes=("x", "y")), Translation([10.0, -5.0], axes=("x", "y"))])
+    # cs = image pixels * 0.5 + (10, -5); spots given directly in cs coordinates
+    xy_cs = xy_px * 0.5 + np.array([10.0, -5.0])
+    sdata = _sdata(xy_cs, radius=27.5, image_shape=(1000, 1100), image_transform=image_tf, cs="micron")
+    (spots,) = resolve_spots(sdata)
+    np.testing.assert_allclose(spots.centers_px, xy_px, atol=1e-9)
+    assert spots.coordinate_system == "micron"
+    # radius 27.5 cs units = 55 px → diameter 110 px = 55 µm → 0.5 µm/px
+    assert spots.pixel_size == pytest.approx(0.5)
+    assert spots.pitch == pytest.approx(pitch_um)
+
+
+def test_table_order_is_followed() -> None:
+    xy = _hex(3, 4, 40.0, origin=60)
+    order = np.random.default_rng(0).permutation(len(xy))
+    (spots,) = resolve_spots(_sdata(xy, radius=11.0, table_order=order))
+    np.testing.assert_allclose(spots.centers_px, xy[order])
+    np.testing.assert_array_equal(spots.table_rows, np.arange(len(xy)))
+    assert list(spots.obs_names) == [f"spot{i}" for i in order]
+
+
+def test_errors() -> None:
+    xy = _hex(3, 3, 40.0, origin=60)
+    with pytest.raises(ValueError, match="outside image"):
+        resolve_spots(_sdata(xy + 1000, radius=11.0))
+    with pytest.raises(ValueError, match=r"share no coordinate system|No image shares"):
+        resolve_spots(_sdata(xy, radius=11.0, cs="global", image_cs="other"))
+    with pytest.raises(ValueError, match="`pixel_size` must be a positive"):
+        resolve_spots(_sdata(xy, radius=11.0), pixel_size=0.0)
+    sdata = _sdata(xy, radius=11.0)
+    no_image = SpatialData(shapes=dict(sdata.shapes.items()), tables=dict(sdata.tables.items()))
+    with pytest.raises(ValueError, match="no image element"):
+        resolve_spots(no_image)
+    two = SpatialData(
+        images=dict(sdata.images.items()), shapes=dict(sdata.shapes.items()),
+        tables={"a": sdata.tables["table"], "b": sdata.tables["table"].copy()},
+    )
+    with pytest.raises(ValueError, match=r"several tables \['a', 'b'\]"):
+        resolve_spots(two)
+    with pytest.raises(ValueError, match="not in coordinate system 'nope'"):
+        resolve_spots(sdata, coordinate_system="nope")
+    with pytest.raises(ValueError, match="`shapes_key`"):
+        resolve_spots(sdata, shapes_key="cells")
+
+
+def test_spot_table_for_he_only_data() -> None:
+    xy = _hex(3, 3, 40.0, origin=60)
+    sdata = _sdata(xy, radius=11.0)
+    bare = SpatialData(images=dict(sdata.images.items()), shapes=dict(sdata.shapes.items()))
+    table = spot_table(bare)
+    assert table.n_obs == len(xy)
+    assert table.n_vars == 0
+    (spots,) = resolve_spots(bare)
+    np.testing.assert_allclose(spots.centers_px, xy)
+    with pytest.raises(ValueError, match="already has a table"):
+        spot_table(bare)

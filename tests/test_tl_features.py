@@ -1,0 +1,169 @@
+"""hst.tl.fit / predict / save / load on tables with precomputed features (frozen mode)."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import hyperst as hst
+from hyperst._constants import Key
+
+N_GENES, DIM = 24, 32
+SMALL = {"emb_dim": 32, "dropout": 0.0}
+
+
+def _slide(name: str, n_side: int, seed: int, w: np.ndarray) -> ad.AnnData:
+    """Square grid of spots; latent tissue state drives both features and counts."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.meshgrid(np.arange(n_side), np.arange(n_side), indexing="ij")
+    xy = np.column_stack([cols.ravel() * 100.0, rows.ravel() * 100.0])
+    state = np.column_stack([np.sin(xy[:, 0] / 300 + seed), np.cos(xy[:, 1] / 250 - seed), rng.normal(size=len(xy))])
+    rates = np.exp(state @ w + 1.0)
+    counts = rng.poisson(rates).astype(np.float32)
+    proj = np.random.default_rng(99).normal(size=(3, DIM))
+    spot_feat = state @ proj + 0.1 * rng.normal(size=(len(xy), DIM))
+    niche_feat = spot_feat + 0.2 * rng.normal(size=(len(xy), DIM))
+    obs = pd.DataFrame(
+        {"sample": name, "array_row": rows.ravel(), "array_col": cols.ravel()},
+        index=[f"{name}_{i}" for i in range(len(xy))],
+    )
+    a = ad.AnnData(counts, obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(N_GENES)]))
+    a.obsm["spatial"] = xy
+    a.obsm[Key.OBSM_FEATURES_SPOT] = spot_feat.astype(np.float32)
+    a.obsm[Key.OBSM_FEATURES_NICHE] = niche_feat.astype(np.float32)
+    return a
+
+
+@pytest.fixture(scope="module")
+def slides() -> list[ad.AnnData]:
+    w = np.random.default_rng(0).normal(size=(3, N_GENES)) * 0.8
+    return [_slide(f"s{i}", 14, seed=i, w=w) for i in range(4)]
+
+
+def _fit(train: list[ad.AnnData], **kw) -> hst.tl.HyperST:
+    opts = {"genes": [f"G{i}" for i in range(N_GENES)], "config": SMALL, "max_epochs": 30, "batch_size": 64,
+            "lr": 2e-3, "progress": False, "patience": 30}
+    opts.update(kw)
+    return hst.tl.fit(train, **opts)
+
+
+@pytest.fixture(scope="module")
+def fitted(slides: list[ad.AnnData]) -> hst.tl.HyperST:
+    return _fit([s.copy() for s in slides[:3]])
+
+
+def test_fit_beats_mean_and_shuffled(slides: list[ad.AnnData], fitted: hst.tl.HyperST) -> None:
+    test = slides[3]
+    pred = hst.tl.predict(fitted, test)
+    res = hst.tl.evaluate(test, pred, ks=(10,))
+    pcc = res["pooled", "PCC@10"]
+    # the mean predictor has no spatial variation: its correlations are 0 by definition (NaN → 0)
+    mean_pred = np.tile(np.log2(1 + np.vstack([s.X for s in slides[:3]])).mean(0), (test.n_obs, 1))
+    mean_res = hst.tl.evaluate(test, mean_pred, groups=None, ks=(10,))
+    assert mean_res["pooled", "PCC@10"] == 0.0
+    # shuffled labels: the same model trained with the spots' expression permuted
+    shuffled = [s.copy() for s in slides[:3]]
+    rng = np.random.default_rng(1)
+    for s in shuffled:
+        s.X = s.X[rng.permutation(s.n_obs)]
+    bad = _fit(shuffled)
+    bad_pcc = hst.tl.evaluate(test, hst.tl.predict(bad, test), ks=(10,))["pooled", "PCC@10"]
+    assert pcc > 0.6
+    assert pcc > bad_pcc + 0.3
+    assert res["pooled", "MSE"] < mean_res["pooled", "MSE"]
+
+
+def test_fit_writes_documented_keys(slides: list[ad.AnnData]) -> None:
+    train = [s.copy() for s in slides[:3]]
+    before = {k: set(getattr(train[0], k).keys()) for k in ("obsm", "obsp", "uns", "layers")}
+    model = _fit(train, max_epochs=3)
+    a = train[0]
+    assert a.obsm[Key.OBSM_IMAGE_SPOT].shape == (a.n_obs, SMALL["emb_dim"])
+    for key in (Key.OBSM_IMAGE_NICHE, Key.OBSM_GENE_SPOT, Key.OBSM_GENE_NICHE):
+        assert a.obsm[key].shape == (a.n_obs, SMALL["emb_dim"])
+    fit_record = a.uns[Key.UNS][Key.UNS_FIT]
+    assert fit_record["genes"] == model.genes
+    assert len(fit_record["history"]) == len(model.history) >= 1
+    assert {"train/loss", "val/loss", "train/mse", "train/hca", "train/hea"} <= set(model.history[-1])
+    added = {k: set(getattr(a, k).keys()) - before[k] for k in before}
+    assert added["obsm"] == {Key.OBSM_IMAGE_SPOT, Key.OBSM_IMAGE_NICHE, Key.OBSM_GENE_SPOT, Key.OBSM_GENE_NICHE,
+                             Key.OBSM_NICHE_EXPRESSION}
+    assert added["obsp"] <= {Key.OBSP_NICHE_CONNECTIVITIES, Key.OBSP_NICHE_DISTANCES}
+    assert added["uns"] == {Key.UNS}
+    assert added["layers"] == set()
+    # validation by slide (three samples): one slide held out
+    assert model.training["validation"].startswith("slides")
+    assert len(model.training["validation_samples"]) == 1
+
+
+def test_same_seed_same_model(slides: list[ad.AnnData]) -> None:
+    a = _fit([s.copy() for s in slides[:3]], max_epochs=2)
+    b = _fit([s.copy() for s in slides[:3]], max_epochs=2)
+    for (ka, va), (kb, vb) in zip(a.network.state_dict().items(), b.network.state_dict().items(), strict=True):
+        assert ka == kb
+        assert torch.equal(va, vb), ka
+
+
+def test_save_load_predict_identical(tmp_path, slides: list[ad.AnnData], fitted: hst.tl.HyperST) -> None:
+    path = fitted.save(tmp_path / "model")
+    loaded = hst.tl.HyperST.load(path)
+    a = hst.tl.predict(fitted, slides[3])
+    b = hst.tl.predict(loaded, slides[3])
+    np.testing.assert_array_equal(a.X, b.X)
+    np.testing.assert_array_equal(a.obsm[Key.OBSM_IMAGE_SPOT], b.obsm[Key.OBSM_IMAGE_SPOT])
+    assert loaded.genes == fitted.genes
+    assert loaded.history == fitted.history
+    # the weights file holds tensors only
+    state = torch.load(path / "weights.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    with pytest.raises(FileExistsError, match="overwrite"):
+        fitted.save(path)
+    with pytest.raises(FileNotFoundError):
+        hst.tl.HyperST.load(tmp_path / "nothing")
+
+
+def test_predict_output_layout_and_errors(slides: list[ad.AnnData], fitted: hst.tl.HyperST) -> None:
+    test = slides[3]
+    out = hst.tl.predict(fitted, test)
+    # the table holds measured counts of the genes: prediction goes to the layer, counts stay in X
+    np.testing.assert_array_equal(out.X, test[:, fitted.genes].X)
+    assert out.layers[Key.LAYER_PRED].shape == (test.n_obs, N_GENES)
+    conf = out.obs[Key.OBS_CONFIDENCE].to_numpy()
+    assert ((conf >= 0) & (conf < 1)).all()
+    assert out.obsm["spatial"].shape == (test.n_obs, 2)
+    he_only = ad.AnnData(np.zeros((test.n_obs, 0), np.float32), obs=test.obs.copy())
+    he_only.obsm[Key.OBSM_FEATURES_SPOT] = test.obsm[Key.OBSM_FEATURES_SPOT]
+    he_only.obsm[Key.OBSM_FEATURES_NICHE] = test.obsm[Key.OBSM_FEATURES_NICHE]
+    out2 = hst.tl.predict(fitted, he_only)
+    np.testing.assert_allclose(out2.X, out.layers[Key.LAYER_PRED], rtol=1e-6, atol=1e-6)
+    wrong = he_only.copy()
+    wrong.obsm[Key.OBSM_FEATURES_SPOT] = np.zeros((test.n_obs, DIM + 1), np.float32)
+    with pytest.raises(ValueError, match=f"expects \\(n, {DIM}\\) features"):
+        hst.tl.predict(fitted, wrong)
+    no_feat = ad.AnnData(np.zeros((3, 0), np.float32))
+    with pytest.raises(ValueError, match=r"hst\.pp\.image_features"):
+        hst.tl.predict(fitted, no_feat)
+
+
+def test_spatial_split_on_a_single_slide(slides: list[ad.AnnData]) -> None:
+    model = _fit([slides[0].copy()], max_epochs=2)
+    assert model.training["validation"] == "spatial blocks"
+    assert 0 < model.training["n_val"] < slides[0].n_obs
+    train, val = hst.tl.spatial_block_split(slides[0].obsm["spatial"], val_fraction=0.2, block_size=300,
+                                            buffer=150, seed=0)
+    xy = slides[0].obsm["spatial"]
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(xy[val]).query(xy[train])
+    assert d.min() > 150  # no training spot within a niche of a validation spot
+    assert not (train & val).any()
+
+
+@pytest.mark.parametrize("preset", ["mse_only", "clip", "meru"])
+def test_variants_train(slides: list[ad.AnnData], preset: str) -> None:
+    model = _fit([s.copy() for s in slides[:3]], preset=preset, max_epochs=2)
+    out = hst.tl.predict(model, slides[3])
+    assert np.isfinite(out.layers[Key.LAYER_PRED]).all()
