@@ -3,6 +3,8 @@
 - :func:`resolve_spots` / :func:`spot_table`: find each sample's image, spots and table, in pixels;
 - :func:`niches`: neighbour graph and niche expression;
 - :func:`select_genes` / :func:`targets`: genes to predict and their log2(1 + counts) targets;
+- :func:`crops` / :class:`SpotCropDataset`: physical spot and niche crops, streamed from the pyramid;
+- :func:`image_features`: frozen backbone features of every spot and niche crop;
 - :func:`load_backbone` / :func:`extract_features`: frozen image backbones from local weights.
 """
 
@@ -13,6 +15,17 @@ from hyperst.pp._backbone import (
     load_backbone,
     resolve_backbone_spec,
 )
+from hyperst.pp._crops import (
+    CropCache,
+    CropGeometry,
+    ImagePyramid,
+    SpotCropDataset,
+    dihedral,
+    extract_crops,
+    iter_crops,
+    tissue_fraction,
+)
+from hyperst.pp._features import SampleCrops, crop_geometry, crops, image_features
 from hyperst.pp._genes import select_genes, targets
 from hyperst.pp._niches import niches
 from hyperst.pp._spots import LAYOUTS, SampleSpots, resolve_spots, spot_table
@@ -21,6 +34,18 @@ __all__ = [
     "KNOWN_BACKBONES",
     "LAYOUTS",
     "BackboneSpec",
+    "CropCache",
+    "CropGeometry",
+    "ImagePyramid",
+    "SampleCrops",
+    "SpotCropDataset",
+    "crop_geometry",
+    "crops",
+    "dihedral",
+    "extract_crops",
+    "image_features",
+    "iter_crops",
+    "tissue_fraction",
     "SampleSpots",
     "extract_features",
     "load_backbone",

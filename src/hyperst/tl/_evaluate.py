@@ -38,13 +38,16 @@ def pearson_per_gene(truth: np.ndarray, prediction: np.ndarray) -> np.ndarray:
     p = np.asarray(prediction, dtype=np.float64)
     if t.shape != p.shape or t.ndim != 2:
         raise ValueError(f"`truth` and `prediction` must be 2-d of the same shape, got {t.shape} and {p.shape}.")
-    tc = t - t.mean(axis=0)
-    pc = p - p.mean(axis=0)
+    tm, pm = t.mean(axis=0), p.mean(axis=0)
+    tc, pc = t - tm, p - pm
     num = (tc * pc).sum(axis=0)
-    den = np.sqrt((tc * tc).sum(axis=0) * (pc * pc).sum(axis=0))
+    tss, pss = (tc * tc).sum(axis=0), (pc * pc).sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        r = num / den
-    r[~np.isfinite(r)] = 0.0
+        r = num / np.sqrt(tss * pss)
+    # constant columns (up to rounding: a tiled mean is not bit-exactly constant) have no correlation
+    n = max(len(t), 1)
+    constant = (tss <= n * (1e-12 * (1 + np.abs(tm))) ** 2) | (pss <= n * (1e-12 * (1 + np.abs(pm))) ** 2)
+    r[constant | ~np.isfinite(r)] = 0.0
     return np.clip(r, -1.0, 1.0)
 
 

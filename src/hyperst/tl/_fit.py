@@ -75,22 +75,40 @@ def _samples(adatas: list[AnnData], sample_key: str) -> np.ndarray:
 
 
 def _niche_targets(adata: AnnData, genes: list[str], layer: str | None, sample_key: str) -> np.ndarray:
+    """log2(1 + mean raw counts over each niche) of ``genes``, always from the current counts.
+
+    The niche graph in ``.obsp`` (from :func:`hyperst.pp.niches`, with the user's layout options) is
+    used when present; otherwise :func:`hyperst.pp.niches` builds it and writes its documented keys.
+    """
+    import scipy.sparse as sp
+
+    from hyperst.pp._genes import _check_counts, _counts
     from hyperst.pp._niches import niches
 
-    record = adata.uns.get(Key.UNS, {}).get(Key.UNS_NICHES, {})
-    have = list(record.get("genes", [])) if Key.OBSM_NICHE_EXPRESSION in adata.obsm else []
-    if not set(genes) <= set(have):
+    if Key.OBSP_NICHE_CONNECTIVITIES not in adata.obsp:
         niches(adata, genes=genes, layer=layer, library_key=sample_key if sample_key in adata.obs.columns else None)
-        have = list(adata.uns[Key.UNS][Key.UNS_NICHES]["genes"])
-    pos = pd.Index(have).get_indexer(genes)
-    return np.asarray(adata.obsm[Key.OBSM_NICHE_EXPRESSION], dtype=np.float32)[:, pos]
+    conn = sp.csr_matrix(adata.obsp[Key.OBSP_NICHE_CONNECTIVITIES])
+    member = (conn != 0).astype(np.float64) + sp.identity(adata.n_obs, format="csr")
+    counts = _counts(adata, layer, pd.Index(genes))
+    _check_counts(counts, "counts")
+    total = member @ counts
+    total = total.toarray() if sp.issparse(total) else np.asarray(total)
+    size = np.asarray(member.sum(axis=1)).ravel()
+    return np.log2(1.0 + total / size[:, None]).astype(np.float32)
 
 
-def _provenance(adatas: list[AnnData]) -> tuple[dict | None, dict | None]:
-    rec = adatas[0].uns.get(Key.UNS, {}).get(Key.UNS_FEATURES)
+def _provenance(adatas: list[AnnData]) -> tuple[dict | None, dict | None, dict]:
+    """Backbone and crop geometry of the features, and the spot geometry, as recorded by ``hst.pp``."""
+    uns = adatas[0].uns.get(Key.UNS, {})
+    rec = uns.get(Key.UNS_FEATURES)
+    spots = {}
+    meta = uns.get(Key.UNS_SPOTS)
+    if isinstance(meta, Mapping) and meta:
+        first = next(iter(meta.values()))
+        spots = {k: first[k] for k in ("layout", "spot_diameter", "pitch") if k in first}
     if not isinstance(rec, Mapping):
-        return None, None
-    return rec.get("backbone"), rec.get("crop_geometry")
+        return None, None, spots
+    return rec.get("backbone"), rec.get("crop_geometry"), spots
 
 
 def _split(
@@ -291,13 +309,13 @@ def fit(
 
     torch.manual_seed(seed)
     dev = resolve_device(device)
-    model_backbone, crop_geometry = _provenance(adatas)
+    model_backbone, crop_geometry, spot_geometry = _provenance(adatas)
     model = HyperST(
         preset_cfg,
         genes=genes,
         backbone=model_backbone,
         crop_geometry=crop_geometry,
-        preprocessing={"targets": "log2p1", "normalize": bool(normalize), "layer": layer},
+        preprocessing={"targets": "log2p1", "normalize": bool(normalize), "layer": layer, **spot_geometry},
     )
     result = train(
         model.network,
@@ -364,8 +382,11 @@ def _write_embeddings(model: HyperST, adatas: list[AnnData], data: FeatureData) 
             for k, v in out.embeddings.items():
                 embs.setdefault(k, []).append(v.float().cpu().numpy())
     merged = {k: np.concatenate(v) for k, v in embs.items()}
-    record = {"params": _jsonable(model.training), "genes": model.genes, "history": _jsonable(model.history),
-              "config": model.config.to_dict(), "curvature": float(model.network.curvature.detach().cpu())}
+    record = _jsonable(
+        {"params": model.training, "genes": model.genes, "history": model.history, "config": model.config.to_dict(),
+         "curvature": float(model.network.curvature.detach().cpu())},
+        drop_none=True,
+    )
     offset = 0
     for a in adatas:
         n = a.n_obs
@@ -378,37 +399,137 @@ def _write_embeddings(model: HyperST, adatas: list[AnnData], data: FeatureData) 
 # ---------------------------------------------------------------------------------------------- predict
 def predict(
     model: HyperST,
-    data: AnnData,
+    data: AnnData | SpatialData,
     *,
     spot_key: str = Key.OBSM_FEATURES_SPOT,
     niche_key: str = Key.OBSM_FEATURES_NICHE,
     layer: Literal["auto"] | bool = "auto",
+    table_key: str | None = None,
+    shapes_key: str | None = None,
+    image_key: str | None = None,
+    pixel_size: float | None = None,
+    key_added: str = Key.TABLE_PREDICTION,
+    grid: Mapping[str, Any] | None = None,
+    device: str = "auto",
     batch_size: int = 1024,
+    progress: bool = True,
 ) -> AnnData:
-    """Predict expression for spots with precomputed image features.
+    """Predict expression from H&E alone.
+
+    Works on a table with precomputed features, and on SpatialData that has spots with or without a
+    table, or only an H&E image: then pseudo-spots are placed on a regular grid over the tissue at the
+    model's spot geometry (:func:`hyperst.pp.grid_spots`). For SpatialData, image features are computed
+    with the model's backbone and crop geometry (:func:`hyperst.pp.image_features`, reused when
+    present) and the result is added as a new table annotating the spots.
 
     Parameters
     ----------
     model
         A trained :class:`HyperST`.
     data
-        Table with the spot (and niche) features in ``.obsm``; it is not modified.
+        AnnData with features in ``.obsm`` (not modified), or SpatialData.
     spot_key, niche_key
         ``.obsm`` keys of the features.
     layer
         Where the prediction goes in the returned table: ``"auto"`` puts it in
-        ``.layers["hyperst_pred"]`` when ``data`` holds measured counts of the model's genes (then
-        ``.X`` keeps those counts), else in ``.X``; ``True``/``False`` force either.
+        ``.layers["hyperst_pred"]`` when the input table holds measured counts of the model's genes
+        (``.X`` then keeps those counts), else in ``.X``; ``True``/``False`` force either.
+    table_key, shapes_key, image_key, pixel_size
+        SpatialData only: which elements to use (see :func:`hyperst.pp.resolve_spots`).
+    key_added
+        SpatialData only: name of the new prediction table.
+    grid
+        SpatialData without spots only: options of :func:`hyperst.pp.grid_spots` (e.g.
+        ``{"min_tissue": 0.5, "layout": "visium"}``).
+    device
+        Device of the backbone for SpatialData input.
     batch_size
-        Spots per forward pass.
+        Spots per forward pass of the HyperST heads.
+    progress
+        Show progress bars.
 
     Returns
     -------
-    A new AnnData over the same spots and the model's genes with the prediction (log2(1 + counts)
-    scale), the image embeddings in ``.obsm["X_hyperst"]`` / ``.obsm["X_hyperst_niche"]``, a
-    confidence score in ``.obs["hyperst_confidence"]`` (see :meth:`HyperST.confidence`), and the
-    input's ``.obs``, ``.obsm["spatial"]`` and ``.uns["spatial"]`` when present.
+    A new AnnData over the spots and the model's genes with the prediction (log2(1 + counts) scale),
+    the image embeddings in ``.obsm["X_hyperst"]`` / ``.obsm["X_hyperst_niche"]``, a confidence score in
+    ``.obs["hyperst_confidence"]`` (see :meth:`HyperST.confidence`), and the input's ``.obs`` and
+    ``.obsm["spatial"]``. For SpatialData it is also stored as ``sdata.tables[key_added]``.
     """
+    from anndata import AnnData
+
+    if isinstance(data, AnnData):
+        return _predict_table(model, data, spot_key=spot_key, niche_key=niche_key, layer=layer, batch_size=batch_size)
+    if not hasattr(data, "images"):
+        raise TypeError(f"`data` must be an AnnData or a SpatialData, got {type(data).__name__}.")
+    return _predict_spatialdata(
+        model, data, layer=layer, table_key=table_key, shapes_key=shapes_key, image_key=image_key,
+        pixel_size=pixel_size, key_added=key_added, grid=grid, device=device, batch_size=batch_size, progress=progress,
+    )
+
+
+def _predict_spatialdata(
+    model: HyperST,
+    sdata: SpatialData,
+    *,
+    layer: Literal["auto"] | bool,
+    table_key: str | None,
+    shapes_key: str | None,
+    image_key: str | None,
+    pixel_size: float | None,
+    key_added: str,
+    grid: Mapping[str, Any] | None,
+    device: str,
+    batch_size: int,
+    progress: bool,
+) -> AnnData:
+    from spatialdata.models import TableModel
+
+    from hyperst.pp._features import image_features
+
+    if model.backbone is None or model.crop_geometry is None:
+        raise ValueError(
+            "This model does not record the backbone and crop geometry of its features, so it cannot compute "
+            "them from images. Compute features with the training backbone and pass the table instead."
+        )
+    if key_added in sdata.tables:
+        raise ValueError(f"`sdata` already has a table {key_added!r}; pass another `key_added`.")
+    if len(sdata.shapes) == 0 and len(sdata.points) == 0 and shapes_key is None:
+        from hyperst.pp._tissue import grid_spots
+
+        geom = model.crop_geometry
+        pre = model.preprocessing
+        opts = {"spot_diameter": pre.get("spot_diameter", 55.0), "pitch": pre.get("pitch", 100.0),
+                "layout": "visium" if pre.get("layout", "visium") == "visium" else "square"}
+        opts.update(grid or {})
+        if pixel_size is None and "pixel_size" not in opts:
+            raise ValueError("`sdata` has no spots: pass `pixel_size` (µm per pixel) to place pseudo-spots.")
+        opts.setdefault("pixel_size", pixel_size)
+        shapes_key = grid_spots(sdata, image_key=image_key, **opts)
+        logger.info(f"placed {len(sdata.shapes[shapes_key])} pseudo-spots on the tissue ({geom})")
+        pixel_size = opts["pixel_size"]
+    table = image_features(
+        sdata, backbone=model.backbone, geometry=model.crop_geometry, table_key=table_key, shapes_key=shapes_key,
+        image_key=image_key, pixel_size=pixel_size, device=device, progress=progress,
+    )
+    out = _predict_table(model, table, spot_key=Key.OBSM_FEATURES_SPOT, niche_key=Key.OBSM_FEATURES_NICHE,
+                         layer=layer, batch_size=batch_size)
+    attrs = table.uns.get("spatialdata_attrs", {})
+    if attrs:
+        out = TableModel.parse(out, region=attrs["region"], region_key=attrs["region_key"],
+                               instance_key=attrs["instance_key"])
+    sdata.tables[key_added] = out
+    return out
+
+
+def _predict_table(
+    model: HyperST,
+    data: AnnData,
+    *,
+    spot_key: str,
+    niche_key: str,
+    layer: Literal["auto"] | bool,
+    batch_size: int,
+) -> AnnData:
     import anndata as ad
     import scipy.sparse as sp
 
@@ -435,6 +556,7 @@ def predict(
     if "image_niche" in embs:
         out.obsm[Key.OBSM_IMAGE_NICHE] = embs["image_niche"]
     out.obs[Key.OBS_CONFIDENCE] = model.confidence(embs["image_spot"])
-    out.uns[Key.UNS] = {Key.UNS_PREDICT: {"genes": model.genes, "layer": Key.LAYER_PRED if to_layer else None,
-                                          "backbone": model.backbone, "crop_geometry": model.crop_geometry}}
+    out.uns[Key.UNS] = {Key.UNS_PREDICT: _jsonable({
+        "genes": model.genes, "layer": Key.LAYER_PRED if to_layer else "X",
+        "backbone": model.backbone, "crop_geometry": model.crop_geometry}, drop_none=True)}
     return out

@@ -260,12 +260,19 @@ class HyperST:
         )
 
 
-def _jsonable(value: Any) -> Any:
-    """Convert numpy/torch scalars and arrays (recursively) to plain Python for JSON."""
+def _jsonable(value: Any, *, drop_none: bool = False) -> Any:
+    """Convert numpy/torch scalars and arrays (recursively) to plain Python for JSON.
+
+    With ``drop_none``, mapping entries whose value is ``None`` are left out (h5ad cannot store None).
+    """
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {
+            str(k): _jsonable(v, drop_none=drop_none)
+            for k, v in value.items()
+            if not (drop_none and v is None)
+        }
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [_jsonable(v, drop_none=drop_none) for v in value]
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
     if isinstance(value, np.ndarray):

