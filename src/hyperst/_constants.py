@@ -67,6 +67,8 @@ class Key:
     TABLE_INSTANCE_KEY: Final[str] = "instance_id"
     #: name of the table hyperst's readers create.
     TABLE_NAME: Final[str] = "table"
+    #: ``.obs`` column with the spot barcode (HEST and Visium readers).
+    OBS_BARCODE: Final[str] = "barcode"
     #: ``.obs`` column of :func:`hyperst.datasets.synthetic` with the true tissue type of each spot.
     OBS_TISSUE: Final[str] = "tissue"
     #: ``.var`` column of :func:`hyperst.datasets.synthetic` with the tissue type a gene marks.

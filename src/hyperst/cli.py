@@ -1,22 +1,227 @@
-"""The ``hyperst`` command line."""
+"""The ``hyperst`` command line: ``demo``, ``fit``, ``predict`` and ``evaluate``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from hyperst._version import __version__
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main", "run_demo"]
+
+
+def _say(msg: str) -> None:
+    print(f"[hyperst] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- demo
+def _demo_data(her2st: str | None, seed: int) -> tuple[Any, Any, Any, str]:
+    """Training SpatialData, held-out H&E-only SpatialData, held-out truth table, and a description."""
+    import hyperst as hst
+
+    if her2st is not None:
+        sections = ["C2", "C3", "C4", "C5", "C6"]
+        train = hst.datasets.her2st(her2st, sections=sections[:4])
+        full = hst.datasets.her2st(her2st, sections=sections[4:])
+        held = sections[4]
+        desc = f"Her2ST: fit on {sections[:4]}, predict {held} from H&E only"
+    else:
+        full_all = hst.datasets.synthetic(n_samples=4, n_rows=12, n_cols=12, n_genes=36, seed=seed)
+        train = full_all.subset([f"sample{i}_{k}" for i in range(3) for k in ("image", "spots")], filter_tables=True)
+        full = full_all.subset(["sample3_image", "sample3_spots"], filter_tables=True)
+        held = "sample3"
+        desc = "synthetic: fit on sample0-2, predict sample3 from H&E only"
+    truth = full.tables["table"]
+    he_only = full.subset([f"{held}_image", f"{held}_spots"], filter_tables=False)
+    for key in list(he_only.tables.keys()):
+        del he_only.tables[key]
+    return train, he_only, truth, desc
+
+
+def run_demo(
+    out: str | Path = "hyperst-demo",
+    *,
+    her2st: str | Path | None = None,
+    seed: int = 42,
+    epochs: int = 60,
+    backbone: str = "efficientnet_lite0",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Run the end-to-end demo and write a report folder.
+
+    Synthetic data (or the Her2ST folder): image features → gene selection → fit on the training
+    slides → predict the held-out slide from its H&E image alone → evaluate against its measured
+    expression and against the mean predictor → figures and ``metrics.json`` in ``out``.
+
+    Returns
+    -------
+    The metrics written to ``metrics.json``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import numpy as np
+
+    import hyperst as hst
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    train, he_only, truth, desc = _demo_data(None if her2st is None else str(her2st), seed)
+    _say(desc)
+    times["load"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    _say(f"image features ({backbone}) of the training spots")
+    hst.pp.image_features(train, backbone=backbone, progress=progress)
+    table = train.tables["table"]
+    times["features_train"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if her2st is not None:
+        genes = hst.pp.select_genes(table, flavor="mean", n_top=250, library_key="sample", inplace=False)
+    else:
+        genes = list(map(str, table.var_names))
+    _say(f"fit on {table.n_obs} spots, {len(genes)} genes")
+    model = hst.tl.fit(train, genes=genes, config={"emb_dim": 256}, max_epochs=epochs, lr=1e-3, batch_size=64,
+                       seed=seed, progress=progress, min_tissue=0.15)
+    times["fit"] = time.perf_counter() - t
+    model.save(out / "model", overwrite=True)
+
+    t = time.perf_counter()
+    _say("predict the held-out slide from H&E only")
+    pred = hst.tl.predict(model, he_only, progress=progress)
+    times["predict"] = time.perf_counter() - t
+
+    # align the prediction with the measured spots of the held-out slide
+    inst_pred = pred.obs["instance_id"].to_numpy()
+    truth = truth[:, model.genes].copy()
+    order = {v: i for i, v in enumerate(inst_pred)}
+    rows = np.array([order[v] for v in truth.obs["instance_id"].to_numpy()])
+    pred_aligned = pred[rows].copy()
+    pred_aligned.obs_names = truth.obs_names
+    res = hst.tl.evaluate(truth, pred_aligned.X, genes=model.genes, groups=None)
+    train_log = np.log2(1 + np.asarray(table[:, model.genes].X.todense() if hasattr(table.X, "todense")
+                                       else table[:, model.genes].X))
+    mean_pred = np.tile(train_log.mean(0), (truth.n_obs, 1))
+    res_mean = hst.tl.evaluate(truth, mean_pred, genes=model.genes, groups=None)
+    metrics = {
+        "description": desc,
+        "n_train_spots": int(table.n_obs),
+        "n_test_spots": int(truth.n_obs),
+        "n_genes": len(model.genes),
+        "model": {m: res["pooled", m] for m in ("PCC@10", "PCC@50", "PCC@200", "MSE", "MAE")},
+        "mean_predictor": {m: res_mean["pooled", m] for m in ("PCC@10", "PCC@50", "PCC@200", "MSE", "MAE")},
+        "epochs": model.training["epochs"],
+        "best_epoch": model.training["best_epoch"],
+        "seconds": {k: round(v, 2) for k, v in times.items()},
+        "hyperst_version": __version__,
+    }
+    metrics["beats_mean_predictor"] = bool(
+        metrics["model"]["MSE"] < metrics["mean_predictor"]["MSE"]
+        and metrics["model"]["PCC@10"] > metrics["mean_predictor"]["PCC@10"]
+    )
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    res.per_gene.to_csv(out / "per_gene.csv", index=False)
+
+    _say("figures")
+    truth_plot = truth.copy()
+    pred_plot = pred_aligned.copy()
+    pred_plot.obsm["spatial"] = truth.obsm["spatial"]
+    best = res.per_gene.sort_values("pearson_r", ascending=False)["gene"].head(3).tolist()
+    image = _image_rgb(he_only)
+    hst.pl.spatial(pred_plot, best, truth=truth_plot, image=image[0], scale_factor=image[1], show=False,
+                   save=out / "spatial.png")
+    hst.pl.scatter(pred_plot, best[0], truth=truth_plot, show=False, save=out / "scatter.png")
+    hst.pl.gene_scores(res, show=False, save=out / "gene_scores.png")
+    hst.pl.history(model, show=False, save=out / "history.png")
+    hst.pl.poincare(table, color="sample", show=False, save=out / "poincare.png")
+    hst.pl.radius(table, show=False, save=out / "radius.png")
+    times["total"] = time.perf_counter() - t0
+    metrics["seconds"]["total"] = round(times["total"], 2)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    _say(
+        f"held-out PCC@10 {metrics['model']['PCC@10']:.3f} (mean predictor {metrics['mean_predictor']['PCC@10']:.3f}), "
+        f"MSE {metrics['model']['MSE']:.3f} (mean predictor {metrics['mean_predictor']['MSE']:.3f}); "
+        f"report in {out}/ ({times['total']:.0f} s)"
+    )
+    return metrics
+
+
+def _image_rgb(sdata: Any, max_side: int = 2000) -> tuple[Any, float]:
+    """A downsampled RGB array of the (only) image and its scale relative to level 0."""
+    import numpy as np
+
+    from hyperst.pp._crops import ImagePyramid
+
+    pyr = ImagePyramid(next(iter(sdata.images.values())))
+    h, w = pyr.shape0
+    step = max(1, int(np.ceil(max(h, w) / max_side)))
+    region = pyr.read_region(0, 0, h, w)
+    return np.ascontiguousarray(region[::step, ::step]), 1.0 / step
 
 
 def _demo(args: argparse.Namespace) -> int:
-    print(
-        "hyperst demo: not yet available in this version. The end-to-end demo (synthetic data → "
-        "preprocess → fit → predict → evaluate → report) arrives with hst.pp, hst.tl and hst.pl.\n"
-        f"Installed: hyperst {__version__} with the model core (hyperst.geometry, hyperst.nn)."
+    metrics = run_demo(args.out, her2st=args.her2st, seed=args.seed, epochs=args.epochs, backbone=args.backbone,
+                       progress=args.progress)
+    return 0 if metrics["beats_mean_predictor"] else 1
+
+
+# ---------------------------------------------------------------------------------------------- batch commands
+def _read(path: str) -> Any:
+    if path.endswith(".h5ad"):
+        import anndata as ad
+
+        return ad.read_h5ad(path)
+    import spatialdata as sd
+
+    return sd.read_zarr(path)
+
+
+def _fit(args: argparse.Namespace) -> int:
+    import hyperst as hst
+
+    data = [_read(p) for p in args.data]
+    config = json.loads(args.config) if args.config else None
+    model = hst.tl.fit(
+        data, mode=args.mode, preset=args.preset, config=config, backbone=args.backbone, max_epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device, min_tissue=args.min_tissue,
+        progress=args.progress, devices=args.devices, strategy=args.strategy,
     )
+    model.save(args.out, overwrite=args.overwrite)
+    _say(f"model saved to {args.out}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import hyperst as hst
+
+    model = hst.tl.HyperST.load(args.model, device=args.device)
+    data = _read(args.data)
+    pred = hst.tl.predict(model, data, pixel_size=args.pixel_size, progress=args.progress)
+    pred.write_h5ad(args.out)
+    _say(f"prediction for {pred.n_obs} spots × {pred.n_vars} genes written to {args.out}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import hyperst as hst
+
+    truth = _read(args.truth)
+    if not hasattr(truth, "obs"):
+        truth = truth.tables[args.table_key]
+    pred = _read(args.prediction)
+    res = hst.tl.evaluate(truth, pred)
+    wide = res.wide()
+    print(wide.to_string())
+    if args.out:
+        res.summary.to_csv(args.out, index=False)
     return 0
 
 
@@ -27,8 +232,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"hyperst {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo = sub.add_parser("demo", help="Run the end-to-end demo on synthetic data.")
+
+    demo = sub.add_parser("demo", help="End to end on synthetic data (or Her2ST): fit, predict, evaluate, report.")
+    demo.add_argument("--out", default="hyperst-demo", help="report folder (default: hyperst-demo)")
+    demo.add_argument("--her2st", default=None, metavar="DIR", help="run on the Her2ST folder instead")
+    demo.add_argument("--seed", type=int, default=42)
+    demo.add_argument("--epochs", type=int, default=60)
+    demo.add_argument("--backbone", default="efficientnet_lite0")
+    demo.add_argument("--progress", action="store_true", help="show progress bars")
     demo.set_defaults(func=_demo)
+
+    fit = sub.add_parser("fit", help="Train on SpatialData zarr stores (or h5ad tables with features).")
+    fit.add_argument("data", nargs="+", help="training .zarr stores or .h5ad tables")
+    fit.add_argument("--out", required=True, help="model directory")
+    fit.add_argument("--mode", choices=["frozen", "lora"], default="frozen")
+    fit.add_argument("--preset", default="hyperst")
+    fit.add_argument("--config", default=None, help='JSON overrides, e.g. \'{"emb_dim": 512}\'')
+    fit.add_argument("--backbone", default="efficientnet_lite0")
+    fit.add_argument("--epochs", type=int, default=200)
+    fit.add_argument("--batch-size", type=int, default=128)
+    fit.add_argument("--lr", type=float, default=1e-4)
+    fit.add_argument("--seed", type=int, default=42)
+    fit.add_argument("--device", default="auto")
+    fit.add_argument("--devices", default="auto", help="Lightning devices (e.g. 4)")
+    fit.add_argument("--strategy", default="auto", help="Lightning strategy (e.g. ddp)")
+    fit.add_argument("--min-tissue", type=float, default=None)
+    fit.add_argument("--overwrite", action="store_true")
+    fit.add_argument("--progress", action="store_true")
+    fit.set_defaults(func=_fit)
+
+    pred = sub.add_parser("predict", help="Predict expression for a SpatialData zarr store from H&E.")
+    pred.add_argument("data", help=".zarr store (H&E image, with or without spots) or .h5ad with features")
+    pred.add_argument("--model", required=True, help="model directory")
+    pred.add_argument("--out", required=True, help="output .h5ad")
+    pred.add_argument("--pixel-size", type=float, default=None, help="µm per pixel (needed without spots)")
+    pred.add_argument("--device", default="auto")
+    pred.add_argument("--progress", action="store_true")
+    pred.set_defaults(func=_predict)
+
+    ev = sub.add_parser("evaluate", help="Per-gene Pearson r, PCC@K, MSE, MAE of a prediction.")
+    ev.add_argument("truth", help=".h5ad table or .zarr store with measured counts")
+    ev.add_argument("prediction", help=".h5ad written by `hyperst predict`")
+    ev.add_argument("--table-key", default="table")
+    ev.add_argument("--out", default=None, help="CSV of the tidy summary")
+    ev.set_defaults(func=_evaluate)
     return parser
 
 
@@ -39,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    if getattr(args, "devices", None) not in (None, "auto"):
+        args.devices = int(args.devices)
     return int(args.func(args))
 
 

@@ -1,7 +1,15 @@
-"""Plotting: predicted vs observed expression, Poincaré-disk embeddings, radii and training history.
+"""Plotting (matplotlib; scanpy-style ``show=`` and ``save=``).
 
-The functions arrive with the ``hst.pl`` issue; this namespace exists so that the package layout is
-stable (``hst.pl.<function>``).
+- :func:`spatial`: predicted vs observed expression side by side on the H&E;
+- :func:`scatter`: predicted vs observed for one gene;
+- :func:`poincare`: embeddings on the Poincaré disk, with entailment cones;
+- :func:`radius`: hyperbolic radius per stream (the learned hierarchy);
+- :func:`history`: training/validation loss components over epochs;
+- :func:`gene_scores`: per-gene Pearson r ranked, with PCC@K marked.
 """
 
-__all__: list[str] = []
+from hyperst.pl._embedding import disk_coordinates, poincare, radius
+from hyperst.pl._expression import scatter, spatial
+from hyperst.pl._training import gene_scores, history
+
+__all__ = ["disk_coordinates", "gene_scores", "history", "poincare", "radius", "scatter", "spatial"]

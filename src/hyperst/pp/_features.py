@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
+import torch
 
 from hyperst._constants import Key
 from hyperst._logging import logger
@@ -198,7 +199,7 @@ def _same(a: Any, b: Any) -> bool:
 def image_features(
     sdata: SpatialData,
     *,
-    backbone: str | BackboneSpec | Mapping[str, Any] = "efficientnet_lite0",
+    backbone: str | BackboneSpec | Mapping[str, Any] | torch.nn.Module = "efficientnet_lite0",
     weights: str | Path | None = None,
     allow_download: bool = False,
     random_init: bool = False,
@@ -229,7 +230,7 @@ def image_features(
         the spots (``sdata.tables["table"]``, no measurements).
     backbone
         A known name (``"efficientnet_lite0"``, ``"uni"``, …; see :data:`KNOWN_BACKBONES`), a timm model
-        name, or a :class:`BackboneSpec`.
+        name, a :class:`BackboneSpec`, or a module from :func:`load_backbone` (e.g. LoRA fine-tuned).
     weights
         Local weights file (overrides the spec's). Hub ids only with ``allow_download=True``.
     allow_download
@@ -267,11 +268,20 @@ def image_features(
     if tkey is None:
         raise ValueError("The spots are not annotated by a table: pass `table_key`.")
     table = sdata.tables[tkey]
-    spec = resolve_backbone_spec(backbone)
-    if weights is not None:
-        spec.weights = str(weights)
+    module = None
+    if isinstance(backbone, torch.nn.Module):  # an already built (e.g. LoRA fine-tuned) backbone
+        module = backbone
+        spec = getattr(module, "hyperst_spec", None)
+        if spec is None:
+            raise ValueError("A backbone module must come from `hst.pp.load_backbone` (it carries `hyperst_spec`).")
+    else:
+        spec = resolve_backbone_spec(backbone)
+        if weights is not None:
+            spec.weights = str(weights)
     geom = _as_geometry(geometry, spots)
     record = _feature_record(spec, geom, spots)
+    if module is not None:
+        record["backbone"]["adapters"] = _adapter_digest(module)
     uns = table.uns.setdefault(Key.UNS, {})
     have = (
         Key.OBSM_FEATURES_SPOT in table.obsm
@@ -282,7 +292,7 @@ def image_features(
         logger.info("image features with this backbone, crop geometry and spots exist: reusing them")
         return table
 
-    model = load_backbone(spec, allow_download=allow_download, random_init=random_init, device="cpu")
+    model = module or load_backbone(spec, allow_download=allow_download, random_init=random_init, device="cpu")
     feats: dict[str, np.ndarray] = {}
     pad = np.zeros(table.n_obs, dtype=np.float32)
     tissue = np.zeros(table.n_obs, dtype=np.float32)
@@ -322,6 +332,19 @@ def image_features(
         summary = {k: v for k, v in s.summary().items() if v is not None}  # h5ad cannot store None
         spots_meta[s.sample] = {**dict(spots_meta.get(s.sample, {})), **summary}
     return table
+
+
+def _adapter_digest(module: torch.nn.Module) -> str:
+    """Hash of a module's LoRA adapter weights (all weights when it has none): tells fine-tuned models apart."""
+    import hashlib
+
+    state = module.state_dict()
+    keys = sorted(k for k in state if "lora_" in k) or sorted(state)
+    h = hashlib.sha256()
+    for k in keys:
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()[:20]
 
 
 class _Seen(NamedTuple):

@@ -266,10 +266,12 @@ def resolve_spots(
     # -- table
     table = None
     if table_key is None:
-        if len(sdata.tables) == 1:
-            table_key = next(iter(sdata.tables.keys()))
-        elif len(sdata.tables) > 1:
-            raise ValueError(f"`sdata` has several tables {_names(sdata.tables)}: pass `table_key`.")
+        # tables written by hst.tl.predict are outputs: never picked as the input table
+        inputs = [k for k, t in sdata.tables.items() if Key.UNS_PREDICT not in t.uns.get(Key.UNS, {})]
+        if len(inputs) == 1:
+            table_key = inputs[0]
+        elif len(inputs) > 1:
+            raise ValueError(f"`sdata` has several tables {sorted(inputs)}: pass `table_key`.")
     if table_key is not None:
         if table_key not in sdata.tables:
             raise ValueError(f"`table_key={table_key!r}` is not a table of `sdata`; tables: {_names(sdata.tables)}.")
@@ -412,7 +414,8 @@ def resolve_spots(
         median_diam_px = None if diam_px is None else float(np.median(diam_px))
         if pixel_size is not None:
             px, source = float(pixel_size), "argument"
-        elif meta.get("pixel_size"):
+        elif meta.get("pixel_size") and meta.get("image_key", f"{sample}_image") == ikey:
+            # the reader's pixel size refers to one image (the sample's main one unless it says otherwise)
             px, source = float(meta["pixel_size"]), "metadata"
         elif diam_um and median_diam_px:
             px, source = float(diam_um) / median_diam_px, "spot_diameter"

@@ -6,12 +6,14 @@
 
 from hyperst.tl._evaluate import Evaluation, evaluate, pcc_at_k, pearson_per_gene
 from hyperst.tl._fit import fit, predict
+from hyperst.tl._lora import LoraSpec
 from hyperst.tl._model import HyperST
 from hyperst.tl._train import spatial_block_split
 
 __all__ = [
     "Evaluation",
     "HyperST",
+    "LoraSpec",
     "evaluate",
     "fit",
     "pcc_at_k",

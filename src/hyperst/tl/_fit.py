@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -11,6 +12,8 @@ import pandas as pd
 from hyperst._constants import Key
 from hyperst._logging import logger
 from hyperst.nn import HyperSTConfig
+from hyperst.pp._crops import CropGeometry
+from hyperst.tl._lora import LoraSpec
 from hyperst.tl._model import HyperST, _jsonable, resolve_device
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -40,10 +43,11 @@ def _tables(data: Any, table_key: str | None) -> list[AnnData]:
         if hasattr(item, "tables"):
             keys = list(item.tables.keys())
             key = table_key
-            if key is None:
-                if len(keys) != 1:
+            if key is None:  # outputs of hst.tl.predict are not training tables
+                inputs = [k for k in keys if Key.UNS_PREDICT not in item.tables[k].uns.get(Key.UNS, {})]
+                if len(inputs) != 1:
                     raise ValueError(f"A SpatialData in `data` has tables {sorted(keys)}: pass `table_key`.")
-                key = keys[0]
+                key = inputs[0]
             if key not in item.tables:
                 raise ValueError(f"`table_key={key!r}` is not a table of the SpatialData; tables: {sorted(keys)}.")
             tables.append(item.tables[key])
@@ -188,15 +192,24 @@ def _pitch(xy: np.ndarray) -> float:
 def fit(
     data: AnnData | SpatialData | Sequence[AnnData | SpatialData],
     *,
+    mode: Literal["frozen", "lora"] = "frozen",
     genes: Sequence[str] | None = None,
     preset: str = "hyperst",
     config: Mapping[str, Any] | None = None,
+    backbone: str | Mapping[str, Any] | Any = "efficientnet_lite0",
+    weights: str | None = None,
+    random_init: bool = False,
+    lora: LoraSpec | Mapping[str, Any] | None = None,
+    geometry: CropGeometry | Mapping[str, Any] | None = None,
+    cache_dir: str | None = None,
+    augment: bool = True,
     validation: Validation = "auto",
     val_fraction: float = 0.15,
-    sample_key: str = "sample",
+    sample_key: str = Key.OBS_SAMPLE,
     table_key: str | None = None,
     layer: str | None = None,
     normalize: bool = False,
+    min_tissue: float | None = None,
     spot_key: str = Key.OBSM_FEATURES_SPOT,
     niche_key: str = Key.OBSM_FEATURES_NICHE,
     max_epochs: int = 200,
@@ -214,16 +227,25 @@ def fit(
     progress: bool = True,
     trainer_kwargs: Mapping[str, Any] | None = None,
 ) -> HyperST:
-    """Train HyperST on spots with measured expression and precomputed image features (frozen mode).
+    """Train HyperST on spots with measured expression.
 
-    Image features come from :func:`hyperst.pp.image_features` (``.obsm`` keys ``spot_key`` and
-    ``niche_key``); only the HyperST heads train, so this runs on a laptop CPU.
+    Two modes:
+
+    - ``"frozen"`` (default): image features of a frozen backbone (:func:`hyperst.pp.image_features`,
+      computed here for SpatialData that lack them) and only the HyperST heads train. Runs on a
+      laptop CPU (minutes for a few thousand spots).
+    - ``"lora"``: end to end through the image backbone with LoRA adapters (peft; ``hyperst[lora]``)
+      on its last blocks, streaming the spot/niche crops of :func:`hyperst.pp.crops` with the shared
+      random dihedral augmentation. The GPU path; it also runs (slowly, with a tiny backbone) on CPU.
 
     Parameters
     ----------
     data
-        One AnnData/SpatialData or a list of them. Each table holds raw counts, the features, and
-        (for spatial validation) ``.obsm["spatial"]``; samples are told apart by ``.obs[sample_key]``.
+        One AnnData/SpatialData or a list of them (``"lora"`` needs SpatialData: it reads the images).
+        Tables hold raw counts and, for spatial validation, ``.obsm["spatial"]``; samples are told
+        apart by ``.obs[sample_key]``.
+    mode
+        ``"frozen"`` or ``"lora"``.
     genes
         Genes to predict. Default: the genes marked by :func:`hyperst.pp.select_genes` in the first
         table (``.var["hyperst_selected"]``), else a fresh ``select_genes`` (HMHVG).
@@ -231,6 +253,17 @@ def fit(
         Model variant (see :data:`hyperst.nn.PRESETS`).
     config
         Overrides of :class:`hyperst.nn.HyperSTConfig` fields (e.g. ``{"emb_dim": 256}``).
+    backbone, weights, random_init
+        Image backbone (see :func:`hyperst.pp.image_features`): used to compute missing features in
+        frozen mode, and fine-tuned in LoRA mode.
+    lora
+        LoRA settings (:class:`LoraSpec`; default r = 8, α = 16, dropout 0.1 on the last 11 blocks).
+    geometry
+        Crop geometry (default from the spot layout, METHOD §1).
+    cache_dir
+        On-disk crop cache (see :func:`hyperst.pp.crops`).
+    augment
+        LoRA mode: random dihedral augmentation of the training crops.
     validation
         ``"auto"``: hold out whole slides when there are three or more, else a spatially blocked split
         (whole blocks of spots, with a one-niche buffer dropped from training so no neighbourhood
@@ -246,13 +279,17 @@ def fit(
         Layer with raw counts (default ``.X``).
     normalize
         Library-size normalised targets (log2(1 + normalize_total)) instead of log2(1 + raw counts).
+    min_tissue
+        Train only on spots whose crop is at least this fraction tissue (``.obs["hyperst_tissue_fraction"]``,
+        from :func:`hyperst.pp.image_features`; the reference uses 0.15). ``None``: all spots.
     spot_key, niche_key
-        ``.obsm`` keys of the spot and niche image features.
+        ``.obsm`` keys of the spot and niche image features (frozen mode).
     max_epochs, batch_size, lr, weight_decay, patience
         Optimisation (reference: 200, 128, 1e-4, 0.01, 10). Early stopping and best-weight
         restoring use the validation loss.
     seed
-        Seed of the initialisation, split and batching: the same seed gives the same model on CPU.
+        Seed of the initialisation, split, batching and augmentation: the same seed gives the same
+        model on CPU.
     device
         ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
     precision
@@ -262,7 +299,7 @@ def fit(
     num_workers
         DataLoader workers.
     progress
-        Show Lightning's progress bar.
+        Show progress bars.
     trainer_kwargs
         Any other ``Trainer`` option.
 
@@ -271,56 +308,108 @@ def fit(
     The trained :class:`HyperST`. Each training table also gains ``.obsm["X_hyperst"]`` (image spot
     embedding), ``.obsm["X_hyperst_niche"]``, ``.obsm["X_hyperst_gene"]``,
     ``.obsm["X_hyperst_gene_niche"]`` (Lorentz space coordinates, for the streams the model has) and
-    ``.uns["hyperst"]["fit"]`` (parameters and history); gene selection and niche expression keys are
-    added when they had to be computed.
+    ``.uns["hyperst"]["fit"]`` (parameters and history); gene selection, niche expression and image
+    feature keys are added when they had to be computed.
     """
+    import torch
+
     from hyperst.pp._genes import select_genes, targets
     from hyperst.tl._train import FeatureData, _TensorDataset, train
 
-    adatas = _tables(data, table_key)
+    if mode not in ("frozen", "lora"):
+        raise ValueError(f"`mode` must be 'frozen' or 'lora', got {mode!r}.")
+    items = list(data) if isinstance(data, list | tuple) else [data]
+    if mode == "lora":
+        parts, crop_arrays, geom = _lora_parts(items, table_key, geometry, cache_dir, progress)
+    else:
+        _ensure_features(items, table_key, spot_key, niche_key, backbone=backbone, weights=weights,
+                         random_init=random_init, geometry=geometry, cache_dir=cache_dir, device=device,
+                         progress=progress)
+        parts = [_Part(a, np.arange(a.n_obs), a) for a in _tables(items, table_key)]
+        crop_arrays, geom = None, None
+    if min_tissue is not None:
+        parts, crop_arrays = _tissue_filter(parts, crop_arrays, min_tissue)
+    adatas = [p.data for p in parts]
     if genes is None:
         first = adatas[0]
         if Key.VAR_SELECTED in first.var.columns and first.var[Key.VAR_SELECTED].any():
             sel = first.var[first.var[Key.VAR_SELECTED]]
             genes = list(sel.sort_values(Key.VAR_RANK).index) if Key.VAR_RANK in sel.columns else list(sel.index)
         else:
-            genes = select_genes(adatas, layer=layer, library_key=sample_key if sample_key in first.obs else None)
+            genes = select_genes(adatas, layer=layer, library_key=sample_key if sample_key in first.obs else None,
+                                 inplace=False)
     genes = [str(g) for g in genes]
     if not genes:
         raise ValueError("No genes to predict: `genes` is empty.")
-
-    spot = np.concatenate([_features(a, spot_key, "spot") for a in adatas])
     y = np.concatenate([targets(a, genes, layer=layer, normalize=normalize) for a in adatas])
-    preset_cfg = HyperSTConfig.from_preset(preset, n_genes=len(genes), image_dim=spot.shape[1], **(config or {}))
-    niche = yn = None
-    if preset_cfg.has_niche:
-        niche = np.concatenate([_features(a, niche_key, "niche") for a in adatas])
-        if niche.shape[1] != spot.shape[1]:
-            raise ValueError(f"Spot ({spot.shape[1]}) and niche ({niche.shape[1]}) features differ in size.")
-    if preset_cfg.uses_alignment and preset_cfg.has_niche:
+
+    backbone_record, crop_record, spot_geometry = _provenance(adatas)
+    image_module = lora_spec = None
+    if mode == "lora":
+        from hyperst.pp._backbone import load_backbone, resolve_backbone_spec
+        from hyperst.tl._lora import ResizeTo, add_lora
+
+        spec = resolve_backbone_spec(backbone)
+        if weights is not None:
+            spec.weights = str(weights)
+        backbone_record, crop_record = spec.to_dict(), geom.to_dict()
+        torch.manual_seed(seed)
+        trunk = load_backbone(spec, random_init=random_init)
+        lora_spec = add_lora(trunk, LoraSpec.from_dict(lora) if isinstance(lora, Mapping) else lora)
+        image_dim = int(trunk.feature_dim)
+    else:
+        spot = np.concatenate([_features(a, spot_key, "spot") for a in adatas])
+        image_dim = spot.shape[1]
+    cfg = HyperSTConfig.from_preset(preset, n_genes=len(genes), image_dim=image_dim, **(config or {}))
+    yn = None
+    if cfg.uses_alignment and cfg.has_niche:
         yn = np.concatenate([_niche_targets(a, genes, layer, sample_key) for a in adatas])
-    data_arrays = FeatureData(spot=spot, niche=niche, targets=y, niche_targets=yn)
 
     samples = _samples(adatas, sample_key)
     train_mask, val_mask, split = _split(adatas, samples, validation, val_fraction, seed)
     logger.info(f"training on {train_mask.sum()} spots, validating on {val_mask.sum()} ({split})")
-
-    import torch
-
     torch.manual_seed(seed)
-    dev = resolve_device(device)
-    model_backbone, crop_geometry, spot_geometry = _provenance(adatas)
+    if mode == "lora":
+        from hyperst.nn import ImageHyperST
+        from hyperst.pp._crops import SpotCropDataset
+
+        image_module = ImageHyperST(ResizeTo(trunk, spec.input_size), cfg)
+        tgt = {"targets": y} if yn is None else {"targets": y, "niche_targets": yn}
+
+        def dataset(mask: np.ndarray, aug: bool) -> SpotCropDataset:
+            return SpotCropDataset(
+                crop_arrays[0], crop_arrays[1] if cfg.has_niche else None, targets=tgt,
+                indices=np.flatnonzero(mask), mean=spec.mean, std=spec.std, augment=aug, seed=seed,
+            )
+
+        module, train_set = image_module, dataset(train_mask, augment)
+        val_set = dataset(val_mask, False) if val_mask.any() else None
+    else:
+        niche = None
+        if cfg.has_niche:
+            niche = np.concatenate([_features(a, niche_key, "niche") for a in adatas])
+            if niche.shape[1] != spot.shape[1]:
+                raise ValueError(f"Spot ({spot.shape[1]}) and niche ({niche.shape[1]}) features differ in size.")
+        arrays = FeatureData(spot=spot, niche=niche, targets=y, niche_targets=yn)
+        module = None
+        train_set = _TensorDataset(arrays, np.flatnonzero(train_mask))
+        val_set = _TensorDataset(arrays, np.flatnonzero(val_mask)) if val_mask.any() else None
+
     model = HyperST(
-        preset_cfg,
+        cfg,
         genes=genes,
-        backbone=model_backbone,
-        crop_geometry=crop_geometry,
+        backbone=backbone_record,
+        crop_geometry=crop_record,
         preprocessing={"targets": "log2p1", "normalize": bool(normalize), "layer": layer, **spot_geometry},
+        network=None if image_module is None else image_module.network,
+        image_model=image_module,
+        lora=lora_spec,
     )
+    dev = resolve_device(device)
     result = train(
-        model.network,
-        _TensorDataset(data_arrays, np.flatnonzero(train_mask)),
-        _TensorDataset(data_arrays, np.flatnonzero(val_mask)) if val_mask.any() else None,
+        module if module is not None else model.network,
+        train_set,
+        val_set,
         max_epochs=max_epochs,
         batch_size=batch_size,
         lr=lr,
@@ -336,10 +425,11 @@ def fit(
         progress=progress,
         trainer_kwargs=trainer_kwargs,
     )
-    model.network.to(dev).eval()
+    model.to(dev)
+    model.network.eval()
     model.history = result["history"]
     model.training = {
-        "mode": "frozen",
+        "mode": mode,
         "preset": preset,
         "validation": split,
         "n_train": int(train_mask.sum()),
@@ -355,12 +445,94 @@ def fit(
         "patience": patience,
         "seed": seed,
         "precision": precision,
+        "min_tissue": min_tissue,
     }
-    _write_embeddings(model, adatas, data_arrays)
+    if mode == "lora":  # embeddings of the fine-tuned model: features from the adapted backbone
+        spot_f = model.crop_features(crop_arrays[0], progress=progress)
+        niche_f = model.crop_features(crop_arrays[1], progress=progress) if cfg.has_niche else None
+        arrays = FeatureData(spot=spot_f, niche=niche_f, targets=y, niche_targets=yn)
+    _write_embeddings(model, parts, arrays)
     return model
 
 
-def _write_embeddings(model: HyperST, adatas: list[AnnData], data: FeatureData) -> None:
+@dataclass
+class _Part:
+    """Spots of one user table used for training: ``data`` is ``table[rows]`` (``table`` itself when whole)."""
+
+    table: AnnData
+    rows: np.ndarray
+    data: AnnData
+
+
+def _ensure_features(
+    items: list[Any], table_key: str | None, spot_key: str, niche_key: str, **kwargs: Any
+) -> None:
+    """Compute image features for SpatialData items whose table lacks them (default keys only)."""
+    from anndata import AnnData
+
+    from hyperst.pp._features import image_features
+
+    for item in items:
+        if isinstance(item, AnnData) or not hasattr(item, "tables"):
+            continue
+        (table,) = _tables([item], table_key)
+        if spot_key in table.obsm and niche_key in table.obsm:
+            continue
+        if (spot_key, niche_key) != (Key.OBSM_FEATURES_SPOT, Key.OBSM_FEATURES_NICHE):
+            raise ValueError(f"`.obsm[{spot_key!r}]`/`[{niche_key!r}]` are missing from a SpatialData table.")
+        image_features(item, table_key=table_key, **kwargs)
+
+
+def _lora_parts(
+    items: list[Any], table_key: str | None, geometry: Any, cache_dir: str | None, progress: bool
+) -> tuple[list[_Part], tuple[np.ndarray, np.ndarray], CropGeometry]:
+    from hyperst.pp._features import crops
+
+    parts: list[_Part] = []
+    spot, niche = [], []
+    geom = None
+    for item in items:
+        if not hasattr(item, "images"):
+            raise TypeError("`mode='lora'` trains on images: pass SpatialData objects, not AnnData.")
+        for sc in crops(item, geometry=geometry, table_key=table_key, cache_dir=cache_dir, progress=progress):
+            if sc.spots.table_key is None or sc.spots.table_rows is None:
+                raise ValueError(f"Spots `{sc.spots.shapes_key}` have no table with measured expression.")
+            table = item.tables[sc.spots.table_key]
+            parts.append(_Part(table, sc.spots.table_rows, table[sc.spots.table_rows].copy()))
+            spot.append(sc.spot)
+            niche.append(sc.niche)
+            if geom is not None and sc.geometry != geom:
+                raise ValueError("The samples were cropped with different geometries: pass `geometry`.")
+            geom = sc.geometry
+    return parts, (np.concatenate(spot), np.concatenate(niche)), geom
+
+
+def _tissue_filter(
+    parts: list[_Part], crop_arrays: tuple[np.ndarray, np.ndarray] | None, min_tissue: float
+) -> tuple[list[_Part], tuple[np.ndarray, np.ndarray] | None]:
+    if not 0 <= min_tissue <= 1:
+        raise ValueError(f"`min_tissue` must be in [0, 1], got {min_tissue}.")
+    out, keep_all = [], []
+    for p in parts:
+        if Key.OBS_TISSUE_FRACTION not in p.data.obs.columns:
+            raise ValueError(
+                f"`min_tissue` needs `.obs[{Key.OBS_TISSUE_FRACTION!r}]` (written by `hst.pp.image_features`)."
+            )
+        keep = p.data.obs[Key.OBS_TISSUE_FRACTION].to_numpy() >= min_tissue
+        keep_all.append(keep)
+        out.append(_Part(p.table, p.rows[keep], p.data if keep.all() else p.data[keep].copy()))
+    n_dropped = sum(int((~k).sum()) for k in keep_all)
+    logger.info(f"min_tissue={min_tissue}: {n_dropped} spots with less tissue left out")
+    if not any(k.any() for k in keep_all):
+        raise ValueError(f"No spot has a tissue fraction of at least `min_tissue={min_tissue}`.")
+    if crop_arrays is not None:
+        keep = np.concatenate(keep_all)
+        crop_arrays = (crop_arrays[0][keep], crop_arrays[1][keep])
+    return out, crop_arrays
+
+
+def _write_embeddings(model: HyperST, parts: list[_Part], data: FeatureData) -> None:
+    """Write the stream embeddings and the fit record into each user table (NaN for unused rows)."""
     import torch
 
     net = model.network.eval()
@@ -372,10 +544,11 @@ def _write_embeddings(model: HyperST, adatas: list[AnnData], data: FeatureData) 
     }
     embs: dict[str, list[np.ndarray]] = {}
     dev = model.device
-    with torch.inference_mode():
-        def rows(a: np.ndarray | None, sl: slice) -> torch.Tensor | None:
-            return None if a is None else torch.from_numpy(np.ascontiguousarray(a[sl], np.float32)).to(dev)
 
+    def rows(a: np.ndarray | None, sl: slice) -> torch.Tensor | None:
+        return None if a is None else torch.from_numpy(np.ascontiguousarray(a[sl], np.float32)).to(dev)
+
+    with torch.inference_mode():
         for start in range(0, len(data), 1024):
             sl = slice(start, start + 1024)
             out = net(rows(data.spot, sl), rows(data.niche, sl), rows(data.targets, sl), rows(data.niche_targets, sl))
@@ -388,11 +561,18 @@ def _write_embeddings(model: HyperST, adatas: list[AnnData], data: FeatureData) 
         drop_none=True,
     )
     offset = 0
-    for a in adatas:
-        n = a.n_obs
+    for p in parts:
+        n = len(p.rows)
         for k, v in merged.items():
-            a.obsm[keys[k]] = v[offset : offset + n]
-        a.uns.setdefault(Key.UNS, {})[Key.UNS_FIT] = record
+            if p.data is p.table and n == p.table.n_obs:
+                p.table.obsm[keys[k]] = v[offset : offset + n]
+            else:
+                full = p.table.obsm.get(keys[k])
+                if full is None or full.shape != (p.table.n_obs, v.shape[1]):
+                    full = np.full((p.table.n_obs, v.shape[1]), np.nan, dtype=np.float32)
+                full[p.rows] = v[offset : offset + n]
+                p.table.obsm[keys[k]] = full
+        p.table.uns.setdefault(Key.UNS, {})[Key.UNS_FIT] = record
         offset += n
 
 
@@ -508,8 +688,8 @@ def _predict_spatialdata(
         logger.info(f"placed {len(sdata.shapes[shapes_key])} pseudo-spots on the tissue ({geom})")
         pixel_size = opts["pixel_size"]
     table = image_features(
-        sdata, backbone=model.backbone, geometry=model.crop_geometry, table_key=table_key, shapes_key=shapes_key,
-        image_key=image_key, pixel_size=pixel_size, device=device, progress=progress,
+        sdata, backbone=model.image_backbone or model.backbone, geometry=model.crop_geometry, table_key=table_key,
+        shapes_key=shapes_key, image_key=image_key, pixel_size=pixel_size, device=device, progress=progress,
     )
     out = _predict_table(model, table, spot_key=Key.OBSM_FEATURES_SPOT, niche_key=Key.OBSM_FEATURES_NICHE,
                          layer=layer, batch_size=batch_size)
@@ -557,6 +737,7 @@ def _predict_table(
         out.obsm[Key.OBSM_IMAGE_NICHE] = embs["image_niche"]
     out.obs[Key.OBS_CONFIDENCE] = model.confidence(embs["image_spot"])
     out.uns[Key.UNS] = {Key.UNS_PREDICT: _jsonable({
-        "genes": model.genes, "layer": Key.LAYER_PRED if to_layer else "X",
-        "backbone": model.backbone, "crop_geometry": model.crop_geometry}, drop_none=True)}
+        "genes": model.genes, "layer": Key.LAYER_PRED if to_layer else "X", "backbone": model.backbone,
+        "crop_geometry": model.crop_geometry, "curvature": float(model.network.curvature.detach().cpu()),
+    }, drop_none=True)}
     return out

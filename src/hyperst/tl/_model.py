@@ -13,12 +13,14 @@ import torch
 
 from hyperst._logging import logger
 from hyperst._version import __version__
-from hyperst.nn import HyperSTConfig, HyperSTNetwork
+from hyperst.nn import HyperSTConfig, HyperSTNetwork, ImageHyperST
+from hyperst.tl._lora import LoraSpec
 
 __all__ = ["HyperST"]
 
 CONFIG_FILE = "hyperst.json"
 WEIGHTS_FILE = "weights.pt"
+BACKBONE_FILE = "backbone.pt"
 FORMAT_VERSION = 1
 
 
@@ -59,6 +61,10 @@ class HyperST:
         Per-epoch training history (list of dicts).
     training
         Training parameters (epochs, learning rate, split, …).
+    image_model
+        LoRA mode: the fine-tuned backbone and the network together (its ``network`` is ``network``).
+    lora
+        LoRA mode: where the adapters sit (needed to rebuild the backbone on load).
     """
 
     def __init__(
@@ -72,6 +78,8 @@ class HyperST:
         network: HyperSTNetwork | None = None,
         history: Sequence[Mapping[str, Any]] | None = None,
         training: Mapping[str, Any] | None = None,
+        image_model: ImageHyperST | None = None,
+        lora: LoraSpec | None = None,
     ) -> None:
         genes = [str(g) for g in genes]
         if len(genes) != config.n_genes:
@@ -83,7 +91,13 @@ class HyperST:
         self.backbone = dict(backbone) if backbone is not None else None
         self.crop_geometry = dict(crop_geometry) if crop_geometry is not None else None
         self.preprocessing = dict(preprocessing or {"targets": "log2p1", "normalize": False})
+        if image_model is not None:
+            if network is not None and network is not image_model.network:
+                raise ValueError("`network` must be `image_model.network` when both are given.")
+            network = image_model.network
         self.network = network if network is not None else HyperSTNetwork(config)
+        self.image_model = image_model
+        self.lora = lora
         self.history = [dict(h) for h in (history or [])]
         self.training = dict(training or {})
 
@@ -94,9 +108,23 @@ class HyperST:
         return next(self.network.parameters()).device
 
     def to(self, device: str | torch.device) -> HyperST:
-        """Move the network to ``device`` (``"auto"`` picks CUDA when present); returns ``self``."""
-        self.network.to(resolve_device(device))
+        """Move the network (and a fine-tuned backbone) to ``device`` (``"auto"``: CUDA when present)."""
+        (self.image_model or self.network).to(resolve_device(device))
         return self
+
+    @property
+    def image_backbone(self) -> torch.nn.Module | None:
+        """The fine-tuned (LoRA) backbone, or ``None`` for models trained on frozen features."""
+        return None if self.image_model is None else self.image_model.backbone.backbone
+
+    def crop_features(self, crops: np.ndarray, *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """Features of uint8 crops ``(n, s, s, 3)`` from the fine-tuned backbone (LoRA models only)."""
+        from hyperst.pp._backbone import extract_features
+
+        if self.image_backbone is None:
+            raise ValueError("This model was trained on frozen features: compute them with `hst.pp.image_features`.")
+        return extract_features(self.image_backbone, crops, device=self.device, batch_size=batch_size,
+                                progress=progress)
 
     def __repr__(self) -> str:
         cfg = self.config
@@ -194,6 +222,7 @@ class HyperST:
             "preprocessing": self.preprocessing,
             "training": _jsonable(self.training),
             "history": _jsonable(self.history),
+            "lora": None if self.lora is None else self.lora.to_dict(),
         }
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
@@ -219,6 +248,12 @@ class HyperST:
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()}
         torch.save(state, path / WEIGHTS_FILE)
+        if self.image_backbone is not None:
+            # adapters only when the base weights can be reloaded from their file; the whole backbone when
+            # it was randomly initialised (tests, timing runs)
+            bb = self.image_backbone.state_dict()
+            keep = bb if not (self.backbone or {}).get("weights") else {k: v for k, v in bb.items() if "lora_" in k}
+            torch.save({k: v.detach().cpu().contiguous() for k, v in keep.items()}, path / BACKBONE_FILE)
         (path / CONFIG_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         logger.info(f"saved model to {path}")
         return path
@@ -247,8 +282,10 @@ class HyperST:
         network = HyperSTNetwork(config)
         state = torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
         network.load_state_dict(state)
-        network.to(dev).eval()
-        return cls(
+        image_model = lora = None
+        if meta.get("lora"):
+            image_model, lora = _load_lora_backbone(path, meta, config, network)
+        model = cls(
             config,
             genes=meta["genes"],
             backbone=meta.get("backbone"),
@@ -257,7 +294,36 @@ class HyperST:
             network=network,
             history=meta.get("history"),
             training=meta.get("training"),
+            image_model=image_model,
+            lora=lora,
         )
+        model.to(dev)
+        model.network.eval()
+        return model
+
+
+def _load_lora_backbone(
+    path: Path, meta: Mapping[str, Any], config: HyperSTConfig, network: HyperSTNetwork
+) -> tuple[ImageHyperST, LoraSpec]:
+    """Rebuild the fine-tuned backbone of a LoRA model: base weights from their file + saved adapters."""
+    from hyperst.pp._backbone import load_backbone
+    from hyperst.tl._lora import ResizeTo, add_lora
+
+    spec = meta["backbone"]
+    random_base = not spec.get("weights")
+    trunk = load_backbone(spec, random_init=random_base)
+    lora = add_lora(trunk, LoraSpec.from_dict(meta["lora"]))
+    saved = torch.load(path / BACKBONE_FILE, map_location="cpu", weights_only=True)
+    if random_base:
+        trunk.load_state_dict(saved)
+    else:
+        missing = {k for k in trunk.state_dict() if "lora_" in k} - set(saved)
+        if missing:
+            raise ValueError(f"{path / BACKBONE_FILE} lacks adapter weights, e.g. {sorted(missing)[:3]}.")
+        trunk.load_state_dict(saved, strict=False)
+    image_model = ImageHyperST(ResizeTo(trunk, trunk.hyperst_spec.input_size), config)
+    image_model.network = network
+    return image_model, lora
 
 
 def _jsonable(value: Any, *, drop_none: bool = False) -> Any:

@@ -214,6 +214,16 @@ class _History(L.Callback):
         self.history.append({"epoch": int(trainer.current_epoch), **metrics})
 
 
+class _EpochSetter(L.Callback):
+    """Tell a dataset which epoch starts, so its random augmentation differs between epochs."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self.dataset.set_epoch(int(trainer.current_epoch))
+
+
 class _BestWeights(L.Callback):
     """Keeps the weights of the best validation epoch in memory and restores them at the end.
 
@@ -306,6 +316,8 @@ def train(
                                 persistent_workers=num_workers > 0)
     history = _History()
     callbacks: list[Any] = [history]
+    if hasattr(train_set, "set_epoch"):  # per-epoch augmentation draws (SpotCropDataset)
+        callbacks.append(_EpochSetter(train_set))
     best = None
     if val_loader is not None:
         best = _BestWeights()

@@ -1,0 +1,245 @@
+"""Shared helpers of :mod:`hyperst.pl`: showing/saving figures and reading predicted and measured expression."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from hyperst._constants import Key
+from hyperst._logging import logger
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+    from matplotlib.figure import Figure
+
+T = TypeVar("T")
+
+#: The embeddings :func:`hyperst.tl.fit` writes, in plotting order, with display names.
+STREAMS: dict[str, str] = {
+    Key.OBSM_IMAGE_SPOT: "image spot",
+    Key.OBSM_IMAGE_NICHE: "image niche",
+    Key.OBSM_GENE_SPOT: "gene spot",
+    Key.OBSM_GENE_NICHE: "gene niche",
+}
+#: Colour per stream: blue for image, orange for gene; dark for spot, light for niche (tab20 pairs).
+STREAM_COLORS: dict[str, str] = {
+    Key.OBSM_IMAGE_SPOT: "#1f77b4",
+    Key.OBSM_IMAGE_NICHE: "#7fb5dc",
+    Key.OBSM_GENE_SPOT: "#e8710a",
+    Key.OBSM_GENE_NICHE: "#f6b36b",
+}
+#: Marker per stream (used when the colour shows an ``.obs`` column).
+STREAM_MARKERS: dict[str, str] = {
+    Key.OBSM_IMAGE_SPOT: "o",
+    Key.OBSM_IMAGE_NICHE: "s",
+    Key.OBSM_GENE_SPOT: "^",
+    Key.OBSM_GENE_NICHE: "D",
+}
+EXTRA_COLORS = ("#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+EXTRA_MARKERS = ("v", "P", "X", "*", "h", "p")
+
+
+# ---------------------------------------------------------------------------------------------- show / save
+def finish(fig: Figure, result: T, *, show: bool | None, save: str | Path | None, ax_given: bool) -> T | None:
+    """Save and/or show ``fig`` following scanpy: return ``result`` unless the figure is shown.
+
+    ``show=None`` shows the figure only when neither ``save`` nor an ``ax`` was given.
+    """
+    if show is None:
+        show = save is None and not ax_given
+    if save is not None:
+        path = Path(save)
+        if not path.parent.exists():
+            raise FileNotFoundError(f"`save={str(save)!r}`: the folder {str(path.parent)!r} does not exist.")
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+        logger.info(f"saved figure to {path}")
+    if show:
+        plt.show()
+        return None
+    return result
+
+
+def as_list(value: str | Sequence[str], name: str) -> list[str]:
+    """A string or a sequence of strings as a non-empty list."""
+    items = [value] if isinstance(value, str) else [str(v) for v in value]
+    if not items:
+        raise ValueError(f"`{name}` is empty: pass at least one name.")
+    return items
+
+
+# ---------------------------------------------------------------------------------------------- expression
+def check_genes(genes: list[str], var_names: pd.Index, name: str) -> None:
+    """Raise a clear error for genes that are not in ``var_names``."""
+    known = set(map(str, var_names))
+    missing = [g for g in genes if g not in known]
+    if missing:
+        raise ValueError(
+            f"Unknown gene(s) {missing[:10]} in `{name}` ({len(known)} genes, e.g. {list(map(str, var_names[:5]))}). "
+            "Pass genes the model predicts (`model.genes` / `adata_pred.var_names`)."
+        )
+
+
+def _dense(x: Any) -> np.ndarray:
+    import scipy.sparse as sp
+
+    return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
+
+
+def prediction(adata_pred: AnnData, genes: list[str], layer: str | None) -> tuple[np.ndarray, str | None]:
+    """Predicted expression of ``genes`` (n, g) and the layer it came from (``None`` = ``.X``).
+
+    ``layer="auto"``: ``.layers["hyperst_pred"]`` when present, else ``.X``.
+    """
+    check_genes(genes, adata_pred.var_names, "adata_pred")
+    if layer == "auto":
+        layer = Key.LAYER_PRED if Key.LAYER_PRED in adata_pred.layers else None
+    if layer is not None and layer not in adata_pred.layers:
+        raise ValueError(f"`layer={layer!r}` is not a layer of `adata_pred`; layers: {sorted(adata_pred.layers)}.")
+    sub = adata_pred[:, genes]
+    x = _dense(sub.X if layer is None else sub.layers[layer])
+    if not np.isfinite(x).all():
+        raise ValueError("The prediction contains NaN or infinite values.")
+    return x, layer
+
+
+def observed(
+    adata_pred: AnnData,
+    genes: list[str],
+    *,
+    truth: AnnData | None,
+    pred_layer: str | None,
+    truth_layer: str | None,
+    truth_transform: Literal["log2p1", "none"],
+) -> np.ndarray | None:
+    """Measured expression of ``genes`` on the log2(1 + x) scale, aligned with ``adata_pred`` (or ``None``).
+
+    Without ``truth``, the measured counts :func:`hyperst.tl.predict` keeps in ``adata_pred.X`` (when the
+    prediction sits in a layer) are used.
+    """
+    if truth_transform not in ("log2p1", "none"):
+        raise ValueError(f"`truth_transform` must be 'log2p1' or 'none', got {truth_transform!r}.")
+    if truth is None:
+        if pred_layer is None:
+            return None
+        source, layer = adata_pred, None
+    else:
+        source, layer = align(truth, adata_pred), truth_layer
+        check_genes(genes, source.var_names, "truth")
+        if layer is not None and layer not in source.layers:
+            raise ValueError(f"`truth_layer={layer!r}` is not a layer of `truth`; layers: {sorted(source.layers)}.")
+    sub = source[:, genes]
+    x = _dense(sub.X if layer is None else sub.layers[layer])
+    if not np.isfinite(x).all():
+        raise ValueError("The measured expression contains NaN or infinite values.")
+    if truth_transform == "log2p1":
+        if (x < 0).any():
+            raise ValueError(
+                "The measured expression has negative values but `truth_transform='log2p1'` expects raw counts; "
+                "pass `truth_transform='none'` if it is already on the log2(1 + x) scale."
+            )
+        x = np.log2(1.0 + x)
+    return x
+
+
+def align(truth: AnnData, adata_pred: AnnData) -> AnnData:
+    """``truth`` restricted to and ordered like the spots of ``adata_pred``."""
+    from anndata import AnnData
+
+    if not isinstance(truth, AnnData):
+        raise TypeError(f"`truth` must be an AnnData with measured counts, got {type(truth).__name__}.")
+    if truth.obs_names.equals(adata_pred.obs_names):
+        return truth
+    if adata_pred.obs_names.isin(truth.obs_names).all() and truth.obs_names.is_unique:
+        return truth[adata_pred.obs_names]
+    raise ValueError(
+        "`truth` and `adata_pred` do not share their spots (obs_names): pass the table `hst.tl.predict` was "
+        "run on, or align them first."
+    )
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Column-wise Pearson r (0 where either side is constant, as in :func:`hyperst.tl.evaluate`)."""
+    ac = a - a.mean(0)
+    bc = b - b.mean(0)
+    den = np.sqrt((ac * ac).sum(0) * (bc * bc).sum(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (ac * bc).sum(0) / den
+    return np.clip(np.where(np.isfinite(r), r, 0.0), -1.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------- embeddings
+def embedding_keys(adata: AnnData, keys: str | Sequence[str]) -> list[str]:
+    """Resolve ``keys`` (``"auto"``: the HyperST embeddings present) and check they exist and match."""
+    if isinstance(keys, str) and keys == "auto":
+        out = [k for k in STREAMS if k in adata.obsm]
+        if not out:
+            raise ValueError(
+                f"`adata` has no HyperST embeddings in `.obsm` (looked for {list(STREAMS)}): run `hst.tl.fit` "
+                "(training tables) or `hst.tl.predict` first, or pass `keys`."
+            )
+        return out
+    out = as_list(keys, "keys")
+    missing = [k for k in out if k not in adata.obsm]
+    if missing:
+        raise ValueError(f"Unknown embedding key(s) {missing}: `.obsm` holds {sorted(adata.obsm)}.")
+    if len(set(out)) != len(out):
+        raise ValueError(f"`keys` contains duplicates: {out}.")
+    dims = {k: np.shape(adata.obsm[k]) for k in out}
+    if any(len(s) != 2 for s in dims.values()) or len({s[1] for s in dims.values()}) != 1:
+        raise ValueError(f"The embeddings must be 2-d arrays of the same width, got shapes {dims}.")
+    return out
+
+
+def embedding(adata: AnnData, key: str) -> np.ndarray:
+    """``.obsm[key]`` as a finite float64 array."""
+    x = np.asarray(adata.obsm[key], dtype=np.float64)
+    if not np.isfinite(x).all():
+        raise ValueError(f"`.obsm[{key!r}]` contains NaN or infinite values.")
+    return x
+
+
+def _fit_record(adata: AnnData) -> Mapping[str, Any]:
+    rec = adata.uns.get(Key.UNS, {})
+    return rec if isinstance(rec, Mapping) else {}
+
+
+def geometry_of(adata: AnnData) -> str:
+    """``"lorentz"`` or ``"euclidean"`` as recorded by :func:`hyperst.tl.fit` (``"lorentz"`` when unknown)."""
+    fit = _fit_record(adata).get(Key.UNS_FIT, {})
+    config = fit.get("config", {}) if isinstance(fit, Mapping) else {}
+    return str(config.get("geometry", "lorentz")) if isinstance(config, Mapping) else "lorentz"
+
+
+def curvature_of(adata: AnnData, curvature: float | None) -> float:
+    """``curvature`` if given, else the learned one recorded in ``.uns["hyperst"]`` (fit, then predict), else 1."""
+    if curvature is None:
+        rec = _fit_record(adata)
+        for sub in (Key.UNS_FIT, Key.UNS_PREDICT):
+            entry = rec.get(sub, {})
+            if isinstance(entry, Mapping) and entry.get("curvature") is not None:
+                curvature = float(entry["curvature"])
+                break
+        else:
+            logger.warning(
+                "no curvature recorded in `.uns['hyperst']`; using c = 1. Pass `curvature=float(model.network."
+                "curvature)` for the learned one."
+            )
+            curvature = 1.0
+    curvature = float(curvature)
+    if not (np.isfinite(curvature) and curvature > 0):
+        raise ValueError(f"`curvature` must be a positive number, got {curvature}.")
+    return curvature
+
+
+def hyperbolic_radius(x: np.ndarray, c: float) -> np.ndarray:
+    r"""Geodesic distance to the origin of points given by Lorentz space components.
+
+    :math:`d(O, x) = \operatorname{asinh}(\sqrt c\,\lVert x\rVert)/\sqrt c` (the same value as
+    :func:`hyperst.geometry.dist` to the origin, in closed form).
+    """
+    return np.arcsinh(np.sqrt(c) * np.linalg.norm(x, axis=-1)) / np.sqrt(c)
