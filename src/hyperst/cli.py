@@ -155,16 +155,21 @@ def run_demo(
 
 
 def _image_rgb(sdata: Any, max_side: int = 2000) -> tuple[Any, float]:
-    """A downsampled RGB array of the (only) image and its scale relative to level 0."""
+    """A small RGB ``(h, w, 3)`` array of the (only) image for plotting, and its scale to level-0 pixels.
+
+    Reads the finest pyramid level no larger than twice ``max_side`` (the coarsest otherwise), strided
+    down to at most ``max_side``: level 0 of a whole-slide image is never loaded.
+    """
     import numpy as np
 
     from hyperst.pp._crops import ImagePyramid
 
     pyr = ImagePyramid(next(iter(sdata.images.values())))
-    h, w = pyr.shape0
-    step = max(1, int(np.ceil(max(h, w) / max_side)))
-    region = pyr.read_region(0, 0, h, w)
-    return np.ascontiguousarray(region[::step, ::step]), 1.0 / step
+    level = next((lv for lv in pyr.levels if max(lv.shape) <= 2 * max_side), pyr.levels[-1])
+    step = max(1, int(np.ceil(max(level.shape) / max_side)))
+    arr = level.data[:, ::step, ::step]
+    arr = np.asarray(arr.compute() if hasattr(arr, "compute") else arr)
+    return np.ascontiguousarray(np.moveaxis(arr[:3], 0, -1)), 1.0 / (level.factor[1] * step)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -451,6 +451,17 @@ def fit(
         spot_f = model.crop_features(crop_arrays[0], progress=progress)
         niche_f = model.crop_features(crop_arrays[1], progress=progress) if cfg.has_niche else None
         arrays = FeatureData(spot=spot_f, niche=niche_f, targets=y, niche_targets=yn)
+    elif any(p.data is not p.table for p in parts):
+        # spots left out of training (min_tissue) still get embeddings: every spot has features
+        parts = [_Part(p.table, np.arange(p.table.n_obs), p.table) for p in parts]
+        whole = [p.table for p in parts]
+        arrays = FeatureData(
+            spot=np.concatenate([_features(a, spot_key, "spot") for a in whole]),
+            niche=np.concatenate([_features(a, niche_key, "niche") for a in whole]) if cfg.has_niche else None,
+            targets=np.concatenate([targets(a, genes, layer=layer, normalize=normalize) for a in whole]),
+            niche_targets=None if yn is None else np.concatenate(
+                [_niche_targets(a, genes, layer, sample_key) for a in whole]),
+        )
     _write_embeddings(model, parts, arrays)
     return model
 

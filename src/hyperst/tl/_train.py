@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -340,14 +342,20 @@ def train(
         "log_every_n_steps": 1,
     }
     kwargs.update(trainer_kwargs or {})
-    trainer = L.Trainer(**kwargs)
-    plan = TrainingPlan(module, lr=lr, weight_decay=weight_decay)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*The number of training batches.*")
-        trainer.fit(plan, train_dataloaders=train_loader, val_dataloaders=val_loader)
+    pl_logger = logging.getLogger("lightning.pytorch")
+    level = pl_logger.level
+    if not progress:  # quiet runs: no "GPU available: ..." banners either
+        pl_logger.setLevel(logging.WARNING)
+    try:
+        trainer = L.Trainer(**kwargs)
+        plan = TrainingPlan(module, lr=lr, weight_decay=weight_decay)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*The number of training batches.*")
+            warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
+            trainer.fit(plan, train_dataloaders=train_loader, val_dataloaders=val_loader)
+    finally:
+        pl_logger.setLevel(level)
     result = {
         "history": history.history,
         "best_epoch": None if best is None else best.best_epoch,
