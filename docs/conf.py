@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 from importlib.metadata import version as _version
+from pathlib import Path
+
+# The executed tutorials live in ../tutorials (outputs committed); Sphinx reads copies (not executed).
+_HERE = Path(__file__).resolve().parent
+(_HERE / "tutorials").mkdir(exist_ok=True)
+for _nb in sorted((_HERE.parent / "tutorials").glob("*.ipynb")):
+    shutil.copy2(_nb, _HERE / "tutorials" / _nb.name)
 
 project = "hyperst"
 author = "hyperst developers"

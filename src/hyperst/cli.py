@@ -141,7 +141,8 @@ def run_demo(
     hst.pl.scatter(pred_plot, best[0], truth=truth_plot, show=False, save=out / "scatter.png")
     hst.pl.gene_scores(res, show=False, save=out / "gene_scores.png")
     hst.pl.history(model, show=False, save=out / "history.png")
-    hst.pl.poincare(table, color="sample", show=False, save=out / "poincare.png")
+    colour = "tissue" if "tissue" in table.obs.columns else "sample"  # synthetic data know the tissue type
+    hst.pl.poincare(table, color=colour, show=False, save=out / "poincare.png")
     hst.pl.radius(table, show=False, save=out / "radius.png")
     times["total"] = time.perf_counter() - t0
     metrics["seconds"]["total"] = round(times["total"], 2)

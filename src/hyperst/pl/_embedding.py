@@ -131,7 +131,8 @@ def _colors(adata: AnnData, color: str, idx: np.ndarray) -> tuple[str, np.ndarra
     lut = dict(zip(cats, palette, strict=True))
     labels = col.astype(str).to_numpy()[idx]
     rgba = to_rgba_array([lut[v] for v in labels]) if len(labels) else np.zeros((0, 4))
-    return "categorical", rgba, list(lut.items())
+    present = set(labels)  # the legend lists only the categories that are plotted
+    return "categorical", rgba, [(c, v) for c, v in lut.items() if c in present]
 
 
 def poincare(

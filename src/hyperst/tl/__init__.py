@@ -4,6 +4,7 @@
 :meth:`HyperST.save` and loaded with :meth:`HyperST.load`.
 """
 
+from hyperst.tl._cv import cross_validate
 from hyperst.tl._evaluate import Evaluation, evaluate, pcc_at_k, pearson_per_gene
 from hyperst.tl._fit import fit, predict
 from hyperst.tl._lora import LoraSpec
@@ -12,6 +13,7 @@ from hyperst.tl._train import spatial_block_split
 
 __all__ = [
     "Evaluation",
+    "cross_validate",
     "HyperST",
     "LoraSpec",
     "evaluate",

@@ -437,6 +437,8 @@ def fit(
         "validation_samples": sorted(set(samples[val_mask])) if split.startswith("slides") else None,
         "max_epochs": max_epochs,
         "epochs": result["epochs"],
+        "global_step": result["global_step"],
+        "world_size": result["world_size"],
         "best_epoch": result["best_epoch"],
         "best_val_loss": result["best_val_loss"],
         "batch_size": batch_size,

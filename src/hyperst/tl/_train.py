@@ -181,7 +181,7 @@ class TrainingPlan(L.LightningModule):
         n = batch["spot"].shape[0]
         for name, value in losses.items():
             self.log(
-                f"{stage}/{name}", value, on_step=False, on_epoch=True, batch_size=n, sync_dist=stage == "val",
+                f"{stage}/{name}", value, on_step=False, on_epoch=True, batch_size=n, sync_dist=True,
                 prog_bar=name == "loss",
             )
         return losses["loss"]
@@ -341,7 +341,9 @@ def train(
         "deterministic": True,
         "log_every_n_steps": 1,
     }
-    kwargs.update(trainer_kwargs or {})
+    extra = dict(trainer_kwargs or {})
+    callbacks += list(extra.pop("callbacks", []))  # the caller's callbacks come on top of ours
+    kwargs.update(extra)
     pl_logger = logging.getLogger("lightning.pytorch")
     level = pl_logger.level
     if not progress:  # quiet runs: no "GPU available: ..." banners either
@@ -361,6 +363,8 @@ def train(
         "best_epoch": None if best is None else best.best_epoch,
         "best_val_loss": None if best is None or not math.isfinite(best.best) else best.best,
         "epochs": int(trainer.current_epoch),
+        "global_step": int(trainer.global_step),
+        "world_size": int(trainer.world_size),
     }
     if best is not None and best.best_epoch is not None:
         logger.info(f"best validation loss {best.best:.4f} at epoch {best.best_epoch}")

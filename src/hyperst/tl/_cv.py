@@ -1,0 +1,263 @@
+"""``hst.tl.cross_validate``: leave-one-group-out (or given folds) evaluation of frozen-mode HyperST."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from hyperst._constants import Key
+from hyperst._logging import logger
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+__all__ = ["cross_validate"]
+
+#: ``fit`` options that ``cross_validate`` sets itself (per fold / per seed).
+_RESERVED = ("genes", "seed", "table_key")
+#: metric rows with the wall time of each fold and seed (fit + predict + evaluate, gene selection excluded).
+SECONDS = "seconds"
+#: separator of several held-out groups in the ``fold`` column.
+FOLD_SEP = "+"
+
+
+def _combined_table(data: Any, table_key: str | None, groupby: str) -> AnnData:
+    """One AnnData over all spots of ``data``; the input objects are never modified."""
+    import anndata as ad
+
+    from hyperst.tl._fit import _tables
+
+    tables = _tables(data, table_key)
+    if len(tables) == 1:
+        return tables[0]
+    missing = [i for i, t in enumerate(tables) if groupby not in t.obs.columns]
+    if missing:
+        raise ValueError(
+            f"Tables {missing} of `data` have no `.obs[{groupby!r}]` column: label every table's spots with "
+            f"their group (e.g. `adata.obs[{groupby!r}] = 'slide1'`) or pass another `groupby`."
+        )
+    names = pd.Index(np.concatenate([np.asarray(t.obs_names) for t in tables]))
+    kwargs: dict[str, Any] = {}
+    if not names.is_unique:
+        # prefix by position so that spots of different tables never share a name
+        kwargs = {"keys": [str(i) for i in range(len(tables))], "index_unique": "-"}
+    combined = ad.concat(tables, join="inner", merge="same", uns_merge="unique", pairwise=True, **kwargs)
+    if combined.n_vars == 0:
+        raise ValueError("The tables of `data` share no genes.")
+    return combined
+
+
+def _folds(labels: np.ndarray, folds: Sequence[Sequence[str] | str] | None, groupby: str) -> list[list[str]]:
+    groups = [str(g) for g in pd.unique(labels)]
+    if len(groups) < 2:
+        raise ValueError(
+            f"`.obs[{groupby!r}]` has {len(groups)} group(s); cross-validation needs at least two "
+            "(pass another `groupby`, e.g. 'sample' or 'patient')."
+        )
+    if folds is None:
+        return [[g] for g in groups]
+    if isinstance(folds, str):
+        raise TypeError("`folds` must be a sequence of folds (each a group name or a list of group names).")
+    out = []
+    for i, fold in enumerate(folds):
+        held = [fold] if isinstance(fold, str) else [str(g) for g in fold]
+        if not held:
+            raise ValueError(f"Fold {i} of `folds` is empty.")
+        unknown = sorted(set(held) - set(groups))
+        if unknown:
+            raise ValueError(f"Fold {i} of `folds` names unknown groups {unknown}; `.obs[{groupby!r}]` has {groups}.")
+        if set(held) == set(groups):
+            raise ValueError(f"Fold {i} of `folds` holds out every group: nothing is left to train on.")
+        out.append(list(dict.fromkeys(held)))
+    if not out:
+        raise ValueError("`folds` is empty.")
+    return out
+
+
+def cross_validate(
+    data: AnnData | SpatialData | Sequence[AnnData | SpatialData],
+    *,
+    groupby: str = Key.OBS_SAMPLE,
+    folds: Sequence[Sequence[str] | str] | None = None,
+    genes: Sequence[str] | None = None,
+    ks: Sequence[int] = (10, 50, 200),
+    seeds: Sequence[int] = (42,),
+    fit_kwargs: Mapping[str, Any] | None = None,
+    select_kwargs: Mapping[str, Any] | None = None,
+    table_key: str | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Cross-validate frozen-mode HyperST by holding out whole groups (slides or patients).
+
+    For every fold (by default each group of ``.obs[groupby]`` in turn: leave-one-group-out) and every
+    seed, a model is trained with :func:`hyperst.tl.fit` on the other groups only, predicts the held-out
+    spots (:func:`hyperst.tl.predict`), and is scored with :func:`hyperst.tl.evaluate`. Nothing about the
+    held-out group is used in training: early stopping uses ``fit``'s own validation split *inside* the
+    training groups (``validation="auto"`` unless ``fit_kwargs`` says otherwise), and when ``genes`` is
+    ``None`` the genes are chosen per fold with :func:`hyperst.pp.select_genes` on the training groups
+    only (any ``.var["hyperst_selected"]`` already in the table is ignored, since it may have seen the
+    held-out group).
+
+    Parameters
+    ----------
+    data
+        An AnnData with image features in ``.obsm`` (see :func:`hyperst.pp.image_features`), a SpatialData
+        whose table has them, or a list of these (their tables are concatenated: shared genes, features,
+        ``.obsm["spatial"]``, niche graphs; spot names made unique). Not modified.
+    groupby
+        ``.obs`` column of the groups that are held out together: ``"sample"`` (slide) or e.g.
+        ``"patient"`` for patient-grouped folds.
+    folds
+        Explicit folds: one entry per fold, the group(s) it holds out (a name or a list of names).
+        ``None``: leave-one-group-out over all groups.
+    genes
+        Genes to predict in every fold. ``None``: selected per fold on the training groups.
+    ks
+        The K of PCC@K.
+    seeds
+        Seeds of the repeated fits (each fold is trained once per seed).
+    fit_kwargs
+        Options of :func:`hyperst.tl.fit` (e.g. ``{"max_epochs": 50, "config": {"emb_dim": 256}}``);
+        ``genes``, ``seed`` and ``table_key`` are set here. Frozen mode only. ``sample_key``, ``layer``,
+        ``spot_key`` and ``niche_key`` are also used for predicting and evaluating.
+    select_kwargs
+        Options of :func:`hyperst.pp.select_genes` for the per-fold gene selection (e.g. ``{"n_top": 250}``).
+    table_key
+        Table of the SpatialData in ``data`` (when it has several).
+    progress
+        Show a progress bar over folds × seeds (``fit``'s own progress bar stays off unless ``fit_kwargs``
+        turns it on).
+
+    Returns
+    -------
+    A tidy DataFrame with columns ``fold`` (held-out group(s), joined by ``"+"``), ``seed``, ``scope``,
+    ``metric`` and ``value``. Scopes are as in :attr:`Evaluation.summary`: ``"pooled"`` over the held-out
+    spots, each held-out slide (``fit_kwargs["sample_key"]``, default ``"sample"``), and
+    ``"mean_over_slides"`` when a fold holds out several slides. Metrics are ``PCC@K``, ``MSE``, ``MAE``,
+    ``n_spots`` and ``"seconds"`` (wall time of fit + predict + evaluate, scope ``"pooled"``).
+    ``df.attrs["folds"]`` lists one record per fold and seed: held-out and training groups, genes, number
+    of training/validation spots, the validation split, epochs and seconds.
+
+    Raises
+    ------
+    ValueError
+        If ``groupby`` is missing or has fewer than two groups, ``folds`` names unknown groups or holds out
+        everything, ``genes`` names unknown genes, ``seeds``/``ks`` are empty, or ``fit_kwargs`` sets
+        ``genes``/``seed``/``table_key`` or a boolean validation mask.
+    NotImplementedError
+        For ``fit_kwargs["mode"] == "lora"``.
+    """
+    import hyperst.tl._fit as fit_module
+    from hyperst.pp._genes import select_genes
+    from hyperst.tl._evaluate import evaluate
+
+    fit_opts = dict(fit_kwargs or {})
+    clash = [k for k in _RESERVED if k in fit_opts]
+    if clash:
+        raise ValueError(
+            f"`fit_kwargs` sets {clash}: pass `genes`, `seeds` and `table_key` to `cross_validate` instead."
+        )
+    if fit_opts.get("mode", "frozen") != "frozen":
+        raise NotImplementedError("`cross_validate` supports frozen mode only (precomputed image features).")
+    validation = fit_opts.get("validation", "auto")
+    if isinstance(validation, np.ndarray):
+        raise ValueError(
+            "`fit_kwargs['validation']` cannot be a spot mask in cross-validation (the training spots change "
+            "per fold); use 'auto', 'slide', 'spatial', slide names or None."
+        )
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("`seeds` is empty: pass at least one seed.")
+    ks = [int(k) for k in ks]
+    if not ks:
+        raise ValueError("`ks` is empty.")
+    fit_opts.setdefault("progress", False)
+    sample_key = fit_opts.get("sample_key", Key.OBS_SAMPLE)
+    layer = fit_opts.get("layer")
+    normalize = bool(fit_opts.get("normalize", False))
+    predict_opts = {k: fit_opts[k] for k in ("spot_key", "niche_key") if k in fit_opts}
+
+    table = _combined_table(data, table_key, groupby)
+    if groupby not in table.obs.columns:
+        raise ValueError(
+            f"The table has no `.obs[{groupby!r}]` column; columns: {list(table.obs.columns)}. "
+            "Pass the column naming the slide or patient of each spot as `groupby`."
+        )
+    spot_key = fit_opts.get("spot_key", Key.OBSM_FEATURES_SPOT)
+    if spot_key not in table.obsm:
+        raise ValueError(
+            f"The table has no image features in `.obsm[{spot_key!r}]`. Compute them first with "
+            "`hst.pp.image_features(sdata, backbone=...)` (frozen backbone: no labels are used, so once for all "
+            "folds is fine)."
+        )
+    labels = table.obs[groupby].astype(str).to_numpy()
+    fold_list = _folds(labels, folds, groupby)
+    if genes is not None:
+        genes = [str(g) for g in genes]
+        missing = [g for g in genes if g not in table.var_names]
+        if missing:
+            raise ValueError(f"{len(missing)} of `genes` are not in the data, e.g. {missing[:5]}.")
+        if not genes:
+            raise ValueError("`genes` is empty; pass None to select genes per fold.")
+    from tqdm.auto import tqdm
+
+    pbar = tqdm(total=len(fold_list) * len(seeds), disable=not progress, desc="cross-validation", unit="fit")
+    frames, records = [], []
+    for held in fold_list:
+        name = FOLD_SEP.join(held)
+        test_mask = np.isin(labels, held)
+        train_mask = ~test_mask
+        train_groups = [str(g) for g in pd.unique(labels[train_mask])]
+        if genes is None:
+            lib = sample_key if sample_key in table.obs.columns else None
+            fold_genes = select_genes(
+                table[train_mask], layer=layer, library_key=lib, inplace=False, **dict(select_kwargs or {})
+            )
+        else:
+            fold_genes = list(genes)
+        # fit writes embeddings into its tables: train on a copy (restricted to the fold's genes, unless
+        # normalised targets need every gene for the library size)
+        train = table[train_mask].copy() if normalize else table[train_mask, fold_genes].copy()
+        test = table[test_mask]
+        for seed in seeds:
+            t0 = time.perf_counter()
+            model = fit_module.fit(train, genes=fold_genes, seed=seed, **fit_opts)
+            pred = fit_module.predict(model, test, progress=False, **predict_opts)
+            if normalize:
+                from hyperst.pp._genes import targets
+
+                truth = targets(test, model.genes, layer=layer, normalize=True)
+                groups = test.obs[sample_key].to_numpy() if sample_key in test.obs.columns else None
+                ev = evaluate(truth, pred, truth_transform="none", groups=groups, ks=ks)
+            else:
+                ev = evaluate(test, pred, genes=model.genes, truth_layer=layer, groups=sample_key, ks=ks)
+            seconds = time.perf_counter() - t0
+            summary = ev.summary.copy()
+            summary = pd.concat(
+                [summary, pd.DataFrame({"scope": ["pooled"], "metric": [SECONDS], "value": [seconds]})],
+                ignore_index=True,
+            )
+            summary.insert(0, "seed", seed)
+            summary.insert(0, "fold", name)
+            frames.append(summary)
+            tr = model.training
+            records.append({
+                "fold": name, "seed": seed, "test_groups": list(held), "train_groups": train_groups,
+                "genes": list(model.genes), "n_train": tr.get("n_train"), "n_val": tr.get("n_val"),
+                "validation": tr.get("validation"), "validation_samples": tr.get("validation_samples"),
+                "epochs": tr.get("epochs"), "best_epoch": tr.get("best_epoch"), "seconds": seconds,
+            })
+            logger.info(
+                f"fold {name} seed {seed}: pooled PCC@{ks[0]} {ev['pooled', f'PCC@{ks[0]}']:.3f} ({seconds:.1f} s)"
+            )
+            pbar.update(1)
+    pbar.close()
+    out = pd.concat(frames, ignore_index=True)[["fold", "seed", "scope", "metric", "value"]]
+    out.attrs["folds"] = records
+    out.attrs["groupby"] = groupby
+    return out
