@@ -13,9 +13,9 @@ from hyperst.tl._train import spatial_block_split
 
 __all__ = [
     "Evaluation",
-    "cross_validate",
     "HyperST",
     "LoraSpec",
+    "cross_validate",
     "evaluate",
     "fit",
     "pcc_at_k",
