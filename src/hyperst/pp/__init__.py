@@ -5,6 +5,7 @@
 - :func:`select_genes` / :func:`targets`: genes to predict and their log2(1 + counts) targets;
 - :func:`crops` / :class:`SpotCropDataset`: physical spot and niche crops, streamed from the pyramid;
 - :func:`image_features`: frozen backbone features of every spot and niche crop;
+- :func:`tissue_mask` / :func:`grid_spots`: tissue detection and pseudo-spots for H&E-only slides;
 - :func:`load_backbone` / :func:`extract_features`: frozen image backbones from local weights.
 """
 
@@ -29,6 +30,7 @@ from hyperst.pp._features import SampleCrops, crop_geometry, crops, image_featur
 from hyperst.pp._genes import select_genes, targets
 from hyperst.pp._niches import niches
 from hyperst.pp._spots import LAYOUTS, SampleSpots, resolve_spots, spot_table
+from hyperst.pp._tissue import grid_spots, tissue_mask
 
 __all__ = [
     "KNOWN_BACKBONES",
@@ -45,6 +47,7 @@ __all__ = [
     "dihedral",
     "extract_crops",
     "extract_features",
+    "grid_spots",
     "image_features",
     "iter_crops",
     "load_backbone",
@@ -55,4 +58,5 @@ __all__ = [
     "spot_table",
     "targets",
     "tissue_fraction",
+    "tissue_mask",
 ]
