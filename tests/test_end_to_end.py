@@ -73,3 +73,29 @@ def test_predict_on_spatialdata_without_table(featurised, model) -> None:
     order = ref.obs["instance_id"].to_numpy()
     got = out.X[np.argsort(out.obs["instance_id"].to_numpy())][np.argsort(np.argsort(order))]
     np.testing.assert_allclose(got, ref.layers[Key.LAYER_PRED], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_predict_on_image_only_places_a_grid_over_tissue(model) -> None:
+    full = hst.datasets.synthetic(n_samples=4, n_rows=10, n_cols=10, n_genes=36, seed=0)
+    truth = full.tables["table"]
+    truth = truth[truth.obs["sample"] == "sample3"]
+    image_only = full.subset(["sample3_image"], filter_tables=False)
+    for key in list(image_only.tables.keys()):
+        del image_only.tables[key]
+    assert len(image_only.shapes) == 0
+    out = hst.tl.predict(model, image_only, pixel_size=1.0, progress=False)
+    assert out.n_obs > 50
+    assert np.isfinite(out.X).all()
+    assert out.obsm["spatial"].shape == (out.n_obs, 2)
+    # the pseudo-spots lie on tissue: their nearest measured spot is a tissue spot
+    from scipy.spatial import cKDTree
+
+    _, nearest = cKDTree(truth.obsm["spatial"]).query(out.obsm["spatial"])
+    assert (truth.obs["tissue"].to_numpy()[nearest] != "background").mean() > 0.9
+    # predicted marker expression follows the tissue under each pseudo-spot
+    tissue = truth.obs["tissue"].to_numpy()[nearest]
+    genes = np.asarray(model.genes)
+    tumour_genes = [g for g in genes if g.startswith("tumour")]
+    x = np.asarray(out[:, tumour_genes].X).mean(1)
+    assert x[tissue == "tumour"].mean() > x[tissue != "tumour"].mean() + 0.5
