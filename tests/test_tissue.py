@@ -13,7 +13,7 @@ from spatialdata.transformations import Identity, Scale, get_transformation
 
 from hyperst._constants import Key
 from hyperst.pp._spots import resolve_spots
-from hyperst.pp._tissue import GRID_ATTRS_KEY, _otsu, grid_spots, tissue_mask
+from hyperst.pp._tissue import _otsu, grid_spots, tissue_mask
 
 PX = 2.0  # µm per level-0 pixel of the test slides
 
@@ -208,12 +208,11 @@ def test_grid_spots_visium_hexagonal_on_tissue(slide):
     assert row.min() >= 0
     assert col.min() >= 0
     assert (row % 2 == col % 2).all()
-    np.testing.assert_allclose(np.diff(xy[:, 0][np.argsort(col)]).clip(0).max() <= pitch_px, True)
     fit = np.polyfit(col, xy[:, 0], 1)
     np.testing.assert_allclose(fit[0], pitch_px / 2, rtol=1e-9)
     np.testing.assert_allclose(np.polyfit(row, xy[:, 1], 1)[0], pitch_px * np.sqrt(3) / 2, rtol=1e-9)
 
-    params = spots.attrs[Key.UNS][GRID_ATTRS_KEY]
+    params = spots.attrs[Key.UNS][Key.ATTRS_GRID]
     assert params["layout"] == "visium"
     assert params["spot_diameter"] == 55.0
     assert params["pitch"] == 100.0
@@ -295,7 +294,9 @@ def test_grid_spots_on_synthetic_slide():
     # the tissue reaches into the image margin around the spot array, so some grid spots have no true
     # spot nearby; most do, and those sit on tissue
     assert near.mean() > 0.6
-    assert (truth_tissue[nearest[near]] != "background").mean() > 0.9
+    assert (truth_tissue[nearest[near]] != "background").mean() > 0.95
+    covered = cKDTree(xy).query(truth_xy)[0] < 0.6 * 100 / 2.0
+    assert covered[truth_tissue != "background"].mean() > 0.95  # every tissue spot gets a grid spot
     (resolved,) = resolve_spots(sdata, shapes_key=key, pixel_size=2.0)
     assert resolved.layout == "visium"
     assert resolved.coordinate_system == "sample0"

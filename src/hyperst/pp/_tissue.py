@@ -24,8 +24,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["grid_spots", "tissue_mask"]
 
-#: sub-key of ``shapes.attrs["hyperst"]`` holding the grid parameters (placeholder for a ``Key`` constant)
-GRID_ATTRS_KEY = "grid"
 #: the default mask side is at most this many pixels ...
 _MAX_MASK_SIDE = 2048
 #: ... and its pixels are at least this many µm (tissue detection needs no more detail)
@@ -269,9 +267,7 @@ def tissue_mask(
 
 
 # ---------------------------------------------------------------------------------------------- grid
-def _window_fraction(
-    mask: np.ndarray, scale: float, centres: np.ndarray, side_px: float
-) -> np.ndarray:
+def _window_fraction(mask: np.ndarray, scale: float, centres: np.ndarray, side_px: float) -> np.ndarray:
     """Tissue fraction of square windows of side ``side_px`` (level-0 px) around ``centres`` (x, y).
 
     Uses a summed-area table of the mask; window parts outside the mask count as background.
@@ -384,9 +380,7 @@ def grid_spots(
         raise ValueError(
             f"`sdata` already has a shapes element {shapes_key!r}: pass another `shapes_key` or `overwrite=True`."
         )
-    if shapes_key in sdata.images or shapes_key in sdata.points or shapes_key in sdata.labels or (
-        shapes_key in sdata.tables
-    ):
+    if any(shapes_key in elements for elements in (sdata.images, sdata.labels, sdata.points, sdata.tables)):
         raise ValueError(f"`shapes_key={shapes_key!r}` is already the name of another element of `sdata`.")
     image = sdata.images[image_key]
     transforms = get_transformation(image, get_all=True)
@@ -468,7 +462,7 @@ def grid_spots(
         "tissue_area_fraction": float(mask.mean()),
         "n_spots": len(centres),
     }
-    shapes.attrs[Key.UNS] = {GRID_ATTRS_KEY: params}
+    shapes.attrs[Key.UNS] = {Key.ATTRS_GRID: params}
     if shapes_key in sdata.shapes:
         del sdata.shapes[shapes_key]
     sdata.shapes[shapes_key] = shapes
