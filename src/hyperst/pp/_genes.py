@@ -282,10 +282,10 @@ def _as_adata_list(adatas: AnnData | Sequence[AnnData]) -> list[AnnData]:
     return out
 
 
-def _sample_rows(adata: AnnData, library_key: str | None) -> list[np.ndarray | None]:
-    """Row indices of each sample of ``adata`` (``[None]``: the whole AnnData is one sample)."""
+def _libraries(adata: AnnData, library_key: str | None) -> list[tuple[Any, np.ndarray]]:
+    """``(sample, row indices)`` per sample of ``adata`` (one ``(None, all rows)`` without ``library_key``)."""
     if library_key is None:
-        return [None]
+        return [(None, np.arange(adata.n_obs))]
     if library_key not in adata.obs:
         raise ValueError(
             f"`library_key`={library_key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)[:10]})."
@@ -294,7 +294,14 @@ def _sample_rows(adata: AnnData, library_key: str | None) -> list[np.ndarray | N
     if lib.isna().any():
         raise ValueError(f"adata.obs[{library_key!r}] has missing values; every spot needs a sample.")
     codes, uniques = pd.factorize(lib, sort=False)
-    return [np.flatnonzero(codes == k) for k in range(len(uniques))]
+    return [(uniques[k], np.flatnonzero(codes == k)) for k in range(len(uniques))]
+
+
+def _sample_rows(adata: AnnData, library_key: str | None) -> list[np.ndarray | None]:
+    """Row indices of each sample of ``adata`` (``[None]``: the whole AnnData is one sample)."""
+    if library_key is None:
+        return [None]
+    return [rows for _, rows in _libraries(adata, library_key)]
 
 
 def _check_positive_int(value: Any, name: str) -> None:

@@ -23,7 +23,7 @@ from scipy.spatial import cKDTree
 
 from hyperst._constants import Key
 from hyperst._logging import logger
-from hyperst.pp._genes import _check_counts, _counts, _layer_name, _uns_block, _validate_gene_list
+from hyperst.pp._genes import _check_counts, _counts, _layer_name, _libraries, _uns_block, _validate_gene_list
 
 __all__ = ["niches"]
 
@@ -265,20 +265,6 @@ def _coordinates(adata: AnnData) -> np.ndarray:
     if not np.isfinite(xy).all():
         raise ValueError(f"adata.obsm[{Key.OBSM_SPATIAL!r}] holds NaN or infinite spot centres.")
     return xy
-
-
-def _libraries(adata: AnnData, library_key: str | None) -> list[tuple[Any, np.ndarray]]:
-    if library_key is None:
-        return [(None, np.arange(adata.n_obs))]
-    if library_key not in adata.obs:
-        raise ValueError(
-            f"`library_key`={library_key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)[:10]})."
-        )
-    lib = adata.obs[library_key]
-    if lib.isna().any():
-        raise ValueError(f"adata.obs[{library_key!r}] has missing values; every spot needs a sample.")
-    codes, uniques = pd.factorize(lib, sort=False)
-    return [(uniques[k], np.flatnonzero(codes == k)) for k in range(len(uniques))]
 
 
 def _check_unique_positions(xy: np.ndarray, lib: Any) -> None:
