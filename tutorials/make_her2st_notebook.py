@@ -56,30 +56,29 @@ slow down sharply when other processes compete for the same cores.""",
     ),
     (
         "code",
-        r"""import os
+        r'''import io
+import os
 import time
 import warnings
 from pathlib import Path
 
-warnings.filterwarnings("ignore", category=SyntaxWarning)  # docrep noise when squidpy is imported
-warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # Lightning, CPU data loading
-warnings.filterwarnings("ignore", category=FutureWarning)
-warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
-
-import io
-
 import matplotlib.pyplot as plt
 import numpy as np
-import PIL.Image
 import pandas as pd
+import PIL.Image
 import torch
 from IPython.display import Image, display
 
 import hyperst as hst
 
-SEED = 42
+# hide noise that is not about this analysis (hyperst imports tqdm, Lightning and squidpy lazily, so these apply)
+warnings.filterwarnings("ignore", category=SyntaxWarning)  # docrep noise when squidpy is imported
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # Lightning, CPU data loading
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
+
+SEED = 42  # passed explicitly to every seeded step below
 torch.set_num_threads(2)  # the tutorial is timed on 2 CPU cores
-np.random.seed(SEED)
 pd.set_option("display.precision", 3)
 pd.set_option("display.width", 120)
 
@@ -87,7 +86,7 @@ TIMES = {}  # wall-clock seconds per step, summarised at the end
 
 
 def find_root(start: Path) -> Path:
-    # the repository root: the first parent holding pyproject.toml and src/hyperst
+    """The repository root: the first parent of ``start`` holding pyproject.toml and src/hyperst."""
     for folder in (start, *start.parents):
         if (folder / "pyproject.toml").is_file() and (folder / "src" / "hyperst").is_dir():
             return folder
@@ -100,9 +99,8 @@ FIGURES = ROOT / "docs" / "_static" / "tutorial"  # copies of the key figures fo
 FIGURES.mkdir(parents=True, exist_ok=True)
 
 
-
 def compact_png(fig, *, bbox="tight", colors=256):
-    # the figure as a colour-quantised PNG at 100 dpi (H&E backgrounds make full-colour PNGs large)
+    """The figure as a colour-quantised PNG at 100 dpi (H&E backgrounds make full-colour PNGs large)."""
     buffer, out = io.BytesIO(), io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, bbox_inches=bbox)
     PIL.Image.open(buffer).convert("RGB").quantize(colors).save(out, format="PNG", optimize=True)
@@ -110,7 +108,7 @@ def compact_png(fig, *, bbox="tight", colors=256):
 
 
 def save_figure(fig, name, *, bbox="tight", max_kb=290):
-    # a copy of a figure for the docs (docs/_static/tutorial), at most max_kb
+    """Save a copy of a figure for the docs (docs/_static/tutorial), at most ``max_kb``."""
     path = FIGURES / name
     fig.savefig(path, dpi=100, bbox_inches=bbox)
     for colors in (256, 128, 64):
@@ -120,7 +118,7 @@ def save_figure(fig, name, *, bbox="tight", max_kb=290):
 
 
 def show_compact(fig, name=None):
-    # display a heavy (H&E) figure as a compact PNG, optionally saving it for the docs
+    """Display a heavy (H&E) figure as a compact PNG, optionally saving it for the docs."""
     if name is not None:
         save_figure(fig, name)
     plt.close(fig)
@@ -128,7 +126,7 @@ def show_compact(fig, name=None):
 
 
 print(f"hyperst {hst.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-print(f"data: {DATA} (exists: {DATA.is_dir()})")""",
+print(f"data: {DATA} (exists: {DATA.is_dir()})")''',
     ),
     (
         "md",
@@ -404,7 +402,7 @@ We compare with baselines trained on exactly the same spots:
     ),
     (
         "code",
-        r"""from sklearn.decomposition import PCA
+        r'''from sklearn.decomposition import PCA
 from sklearn.linear_model import Ridge
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -420,11 +418,13 @@ c6_rows = position.loc[truth.obs["instance_id"].to_numpy()].to_numpy()
 
 
 def features(adata, rows, niche):
+    """Spot features of ``rows``, with the niche features appended when ``niche``."""
     spot = adata.obsm["hyperst_features_spot"][rows]
     return np.hstack([spot, adata.obsm["hyperst_features_niche"][rows]]) if niche else spot
 
 
 def ridge(alpha):
+    """StandardScaler -> PCA(256) -> Ridge(alpha)."""
     return make_pipeline(StandardScaler(), PCA(n_components=256, random_state=SEED), Ridge(alpha=alpha))
 
 
@@ -432,7 +432,8 @@ ALPHAS = np.logspace(-1, 5, 7)
 
 
 def tuned_ridge(x, y, x_test):
-    # alpha by leave-one-section-out CV on C2-C5 (mean MSE over folds); scaler and PCA are fitted once per fold
+    """Ridge with alpha chosen by leave-one-section-out CV on C2-C5 (mean MSE); returns (alpha, prediction)."""
+    # scaler and PCA do not depend on alpha: fit them once per fold
     mse = np.zeros(len(ALPHAS))
     for held in np.unique(groups):
         fit_rows, val_rows = groups != held, groups == held
@@ -461,7 +462,7 @@ rows = {name: hst.tl.evaluate(truth_c6, p, genes=model.genes, groups=None) for n
 result = hst.tl.evaluate(truth_c6, pred_c6, groups=None)
 rows["HyperST (this model)"] = result
 scores = pd.DataFrame({name: {m: r["pooled", m] for m in METRICS} for name, r in rows.items()}).T
-scores""",
+scores''',
     ),
     (
         "code",
@@ -722,7 +723,9 @@ features are strongly correlated.
 
 ## Summary
 
-Runtimes of this run (2 CPU threads):""",
+Runtimes of the run that produced these outputs (2 CPU threads). On an idle 2-core machine these steps took
+about 80 s in total (each fit about 10 s). Much larger numbers mean that other jobs shared the cores while
+the notebook ran.""",
     ),
     (
         "code",
