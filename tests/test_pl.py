@@ -348,3 +348,55 @@ def test_gene_scores(tmp_path, trained) -> None:
 def test_save_to_missing_folder(tmp_path, trained) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         radius(trained["train"], save=tmp_path / "missing" / "r.png")
+
+
+def test_history_from_table_read_back_from_h5ad(tmp_path, trained) -> None:
+    # regression: the fit record's history was a list of dicts, which h5ad cannot store
+    model = trained["model"]
+    table = trained["train"]
+    record = table.uns[Key.UNS][Key.UNS_FIT]["history"]
+    assert record["columns"][0] == "epoch"
+    assert record["data"].shape == (len(model.history), len(record["columns"]))
+    table.write_h5ad(tmp_path / "train.h5ad")
+    back = ad.read_h5ad(tmp_path / "train.h5ad")
+    hist = pd.DataFrame(model.history)
+    frame = pd.DataFrame(**back.uns[Key.UNS][Key.UNS_FIT]["history"])
+    pd.testing.assert_frame_equal(frame[hist.columns], hist, check_dtype=False)
+    fig = history(back, save=tmp_path / "history.png")
+    _not_blank(tmp_path / "history.png")
+    assert [ax.get_title() for ax in fig.axes] == ["loss", "mse", "hca", "hea"]
+    for ax in fig.axes:
+        lines = {ln.get_label(): ln for ln in ax.lines}
+        np.testing.assert_allclose(lines["train"].get_xdata(), hist["epoch"])
+        np.testing.assert_allclose(lines["train"].get_ydata(), hist[f"train/{ax.get_title()}"])
+        np.testing.assert_allclose(lines["validation"].get_ydata(), hist[f"val/{ax.get_title()}"])
+    # the column record itself, and a mapping of columns with a metric missing in one epoch (NaN)
+    fig2 = history(back.uns[Key.UNS][Key.UNS_FIT]["history"], components=["loss"], show=False)
+    np.testing.assert_allclose(fig2.axes[0].lines[0].get_ydata(), hist["train/loss"])
+    cols = {"epoch": [0, 1, 2], "train/loss": [3.0, 2.0, 1.0], "val/loss": [4.0, np.nan, 2.0]}
+    fig3 = history(cols, components=["loss"], show=False)
+    np.testing.assert_allclose(fig3.axes[0].lines[1].get_xdata(), [0, 2])
+
+
+def test_pl_functions_take_keyword_only_dpi() -> None:
+    import inspect
+
+    for fn in (hst.pl.spatial, hst.pl.scatter, hst.pl.poincare, hst.pl.radius, hst.pl.history, hst.pl.gene_scores):
+        params = inspect.signature(fn).parameters
+        assert "save" in params, fn.__name__
+        assert params["dpi"].kind is inspect.Parameter.KEYWORD_ONLY, fn.__name__
+        assert params["dpi"].default is None, fn.__name__
+        assert "    dpi\n" in fn.__doc__, fn.__name__
+
+
+def test_save_dpi_scales_the_image(tmp_path, trained) -> None:
+    shapes = {}
+    for dpi in (50, 100):
+        gene_scores(trained["eval"], save=tmp_path / f"scores{dpi}.png", dpi=dpi)
+        radius(trained["train"], save=tmp_path / f"radius{dpi}.png", dpi=dpi)
+        shapes[dpi] = [mpimg.imread(tmp_path / f"{name}{dpi}.png").shape[:2] for name in ("scores", "radius")]
+    for small, big in zip(shapes[50], shapes[100], strict=True):
+        for s, b in zip(small, big, strict=True):
+            assert abs(b - 2 * s) <= 2, (small, big)
+    with pytest.raises(ValueError, match="`dpi` must be a positive number"):
+        gene_scores(trained["eval"], save=tmp_path / "bad.png", dpi=0)

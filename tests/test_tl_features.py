@@ -86,7 +86,11 @@ def test_fit_writes_documented_keys(slides: list[ad.AnnData]) -> None:
         assert a.obsm[key].shape == (a.n_obs, SMALL["emb_dim"])
     fit_record = a.uns[Key.UNS][Key.UNS_FIT]
     assert fit_record["genes"] == model.genes
-    assert len(fit_record["history"]) == len(model.history) >= 1
+    assert fit_record["history"]["data"].shape == (len(model.history), len(fit_record["history"]["columns"]))
+    assert len(model.history) >= 1
+    assert fit_record["key_added"] == Key.OBSM_IMAGE_SPOT
+    assert fit_record["obsm_keys"] == {"image_spot": Key.OBSM_IMAGE_SPOT, "image_niche": Key.OBSM_IMAGE_NICHE,
+                                       "gene_spot": Key.OBSM_GENE_SPOT, "gene_niche": Key.OBSM_GENE_NICHE}
     assert {"train/loss", "val/loss", "train/mse", "train/hca", "train/hea"} <= set(model.history[-1])
     added = {k: set(getattr(a, k).keys()) - before[k] for k in before}
     assert added["obsm"] == {Key.OBSM_IMAGE_SPOT, Key.OBSM_IMAGE_NICHE, Key.OBSM_GENE_SPOT, Key.OBSM_GENE_NICHE,
@@ -97,6 +101,27 @@ def test_fit_writes_documented_keys(slides: list[ad.AnnData]) -> None:
     # validation by slide (three samples): one slide held out
     assert model.training["validation"].startswith("slides")
     assert len(model.training["validation_samples"]) == 1
+
+
+def test_fit_key_added_keeps_earlier_embeddings(slides: list[ad.AnnData]) -> None:
+    train = [s.copy() for s in slides[:2]]
+    _fit(train, max_epochs=1, validation=None)
+    first = {k: train[0].obsm[k].copy() for k in (Key.OBSM_IMAGE_SPOT, Key.OBSM_IMAGE_NICHE, Key.OBSM_GENE_SPOT,
+                                                  Key.OBSM_GENE_NICHE)}
+    _fit(train, max_epochs=1, validation=None, seed=7, key_added="X_second")
+    a = train[0]
+    for k, v in first.items():  # the first fit's embeddings are untouched
+        np.testing.assert_array_equal(a.obsm[k], v)
+    for k in ("X_second", "X_second_niche", "X_second_gene", "X_second_gene_niche"):
+        assert a.obsm[k].shape == (a.n_obs, SMALL["emb_dim"])
+    assert not np.allclose(a.obsm["X_second"], first[Key.OBSM_IMAGE_SPOT])
+    rec = a.uns[Key.UNS][Key.UNS_FIT]
+    assert rec["key_added"] == "X_second"
+    assert rec["obsm_keys"]["gene_niche"] == "X_second_gene_niche"
+    with pytest.raises(ValueError, match="would overwrite"):
+        _fit(train, max_epochs=1, key_added=Key.OBSM_FEATURES_SPOT)
+    with pytest.raises(ValueError, match="non-empty string"):
+        _fit(train, max_epochs=1, key_added="")
 
 
 def test_same_seed_same_model(slides: list[ad.AnnData]) -> None:

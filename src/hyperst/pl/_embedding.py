@@ -151,6 +151,7 @@ def poincare(
     ax: Axes | None = None,
     show: bool | None = None,
     save: str | Path | None = None,
+    dpi: int | None = None,
 ) -> Axes | None:
     r"""HyperST embeddings on the Poincaré disk, one point per spot and stream.
 
@@ -202,6 +203,8 @@ def poincare(
         is given.
     save
         Path of an image file to write the figure to.
+    dpi
+        Resolution of the saved image in dots per inch (default: 150).
 
     Returns
     -------
@@ -327,7 +330,7 @@ def poincare(
     ax.set_aspect("equal")
     ax.set_axis_off()
     ax.set_title(f"Poincaré disk (c = {c:.3g}, {m} spots)")
-    return finish(ax.figure, ax, show=show, save=save, ax_given=ax_given)
+    return finish(ax.figure, ax, show=show, save=save, ax_given=ax_given, dpi=dpi)
 
 
 def radius(
@@ -338,6 +341,7 @@ def radius(
     ax: Axes | None = None,
     show: bool | None = None,
     save: str | Path | None = None,
+    dpi: int | None = None,
 ) -> Axes | None:
     r"""Distribution of the distance to the origin per stream: the learned hierarchy at a glance.
 
@@ -361,6 +365,8 @@ def radius(
         is given.
     save
         Path of an image file to write the figure to.
+    dpi
+        Resolution of the saved image in dots per inch (default: 150).
 
     Returns
     -------
@@ -393,4 +399,4 @@ def radius(
     ax.set_ylabel("geodesic distance to origin" if lorentz else "Euclidean norm")
     ax.set_title(f"distance to origin (c = {c:.3g})" if lorentz else "embedding norm")
     ax.grid(axis="y", alpha=0.3)
-    return finish(ax.figure, ax, show=show, save=save, ax_given=ax_given)
+    return finish(ax.figure, ax, show=show, save=save, ax_given=ax_given, dpi=dpi)

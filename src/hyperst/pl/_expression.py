@@ -126,6 +126,7 @@ def spatial(
     panel_size: float = 3.5,
     show: bool | None = None,
     save: str | Path | None = None,
+    dpi: int | None = None,
 ) -> Figure | None:
     """Maps of predicted and observed expression, side by side, for each gene.
 
@@ -177,6 +178,8 @@ def spatial(
         Call :func:`matplotlib.pyplot.show` and return ``None``. Default: show unless ``save`` is given.
     save
         Path of an image file to write the figure to.
+    dpi
+        Resolution of the saved image in dots per inch (default: 150).
 
     Returns
     -------
@@ -252,7 +255,7 @@ def spatial(
             axs[row, col * n_per_gene + j].remove()
     if sample_name is not None:
         fig.suptitle(sample_name)
-    return finish(fig, fig, show=show, save=save, ax_given=False)
+    return finish(fig, fig, show=show, save=save, ax_given=False, dpi=dpi)
 
 
 def scatter(
@@ -267,6 +270,7 @@ def scatter(
     ax: Axes | None = None,
     show: bool | None = None,
     save: str | Path | None = None,
+    dpi: int | None = None,
 ) -> Axes | None:
     """Predicted vs observed expression of one gene, one point per spot, with the identity line.
 
@@ -299,6 +303,8 @@ def scatter(
         is given.
     save
         Path of an image file to write the figure to.
+    dpi
+        Resolution of the saved image in dots per inch (default: 150).
 
     Returns
     -------
@@ -344,4 +350,4 @@ def scatter(
     ax.set_xlabel(f"observed {VALUE_LABEL}")
     ax.set_ylabel(f"predicted {VALUE_LABEL}")
     ax.set_title(f"{gene}: r = {r:.3f} ({n} spots)")
-    return finish(ax.figure, ax, show=show, save=save, ax_given=ax_given)
+    return finish(ax.figure, ax, show=show, save=save, ax_given=ax_given, dpi=dpi)

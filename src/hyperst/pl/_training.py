@@ -25,33 +25,43 @@ TRAIN, VAL = "train/", "val/"
 
 
 def _history_frame(obj: Any) -> pd.DataFrame:
-    """Per-epoch history as a DataFrame from a model, an AnnData, a list of dicts or a DataFrame."""
+    """Per-epoch history as a DataFrame from a model, an AnnData, a column record, a list of dicts or a DataFrame."""
     from anndata import AnnData
 
+    if isinstance(obj, AnnData):
+        fit = obj.uns.get(Key.UNS, {}).get(Key.UNS_FIT, {})
+        if not isinstance(fit, Mapping) or "history" not in fit:
+            raise ValueError(
+                "The AnnData has no training history in `.uns['hyperst']['fit']['history']`: pass the model "
+                "`hst.tl.fit` returned, or a table it was trained on."
+            )
+        obj = fit["history"]
+    elif not isinstance(obj, pd.DataFrame | Mapping) and hasattr(obj, "history"):
+        obj = obj.history
     if isinstance(obj, pd.DataFrame):
         records = obj
-    else:
-        if isinstance(obj, AnnData):
-            fit = obj.uns.get(Key.UNS, {}).get(Key.UNS_FIT, {})
-            if not isinstance(fit, Mapping) or "history" not in fit:
-                raise ValueError(
-                    "The AnnData has no training history in `.uns['hyperst']['fit']['history']`: pass the model "
-                    "`hst.tl.fit` returned, or a table it was trained on."
-                )
-            obj = fit["history"]
-        elif hasattr(obj, "history") and not isinstance(obj, Mapping):
-            obj = obj.history
-        if isinstance(obj, Mapping) or not isinstance(obj, Sequence):
-            raise TypeError(
-                "`model_or_history` must be a HyperST model, a table trained by `hst.tl.fit`, a list of per-epoch "
-                f"dicts or a DataFrame; got {type(obj).__name__}."
-            )
+    elif isinstance(obj, Mapping) and "columns" in obj and "data" in obj:  # the layout hst.tl.fit writes to .uns
+        columns = [str(c) for c in np.asarray(obj["columns"]).ravel()]
+        data = np.asarray(obj["data"], dtype=np.float64).reshape(-1, len(columns))
+        records = pd.DataFrame(data, columns=columns)
+    elif isinstance(obj, Mapping):  # columns: name → per-epoch values
+        records = pd.DataFrame({str(k): np.asarray(v).ravel() for k, v in obj.items()})
+    elif isinstance(obj, Sequence) and not isinstance(obj, str):
         records = pd.DataFrame([dict(h) for h in obj])
+    else:
+        raise TypeError(
+            "`model_or_history` must be a HyperST model, a table trained by `hst.tl.fit`, its "
+            "`.uns['hyperst']['fit']['history']`, a list of per-epoch dicts or a DataFrame; got "
+            f"{type(obj).__name__}."
+        )
     if records.empty:
         raise ValueError("The training history is empty: train the model first (`hst.tl.fit`).")
     records = records.reset_index(drop=True)
     if "epoch" not in records.columns:
         records = records.assign(epoch=np.arange(len(records)))
+    epoch = pd.to_numeric(records["epoch"], errors="coerce")
+    if epoch.notna().all() and (epoch == epoch.round()).all():
+        records = records.assign(epoch=epoch.astype(np.int64))
     return records.sort_values("epoch", kind="stable").reset_index(drop=True)
 
 
@@ -72,6 +82,7 @@ def history(
     axes: Sequence[Axes] | None = None,
     show: bool | None = None,
     save: str | Path | None = None,
+    dpi: int | None = None,
 ) -> Figure | None:
     """Training (solid) and validation (dashed) curves of loss components over epochs, one panel each.
 
@@ -82,8 +93,10 @@ def history(
     ----------
     model_or_history
         A :class:`hyperst.tl.HyperST` (its ``.history``), a table trained by :func:`hyperst.tl.fit`
-        (``.uns["hyperst"]["fit"]["history"]``), a list of per-epoch dicts with keys ``"epoch"``,
-        ``"train/<name>"`` and ``"val/<name>"``, or a DataFrame of them.
+        (also after an ``.h5ad``/``.zarr`` round trip), its ``.uns["hyperst"]["fit"]["history"]``
+        (``{"columns": names, "data": (n_epochs, n_columns) array}``), a list of per-epoch dicts with keys
+        ``"epoch"``, ``"train/<name>"`` and ``"val/<name>"``, a mapping of such columns to per-epoch
+        values, or a DataFrame of them.
     components
         Component names (``"loss"``, ``"mse"``, ``"hca"``, ``"hea"``, ``"curvature"``,
         ``"hca/image_spot->gene_spot"``, …). Default: those of ``("loss", "mse", "hca", "hea")`` that the
@@ -97,6 +110,8 @@ def history(
         is given.
     save
         Path of an image file to write the figure to.
+    dpi
+        Resolution of the saved image in dots per inch (default: 150).
 
     Returns
     -------
@@ -152,7 +167,7 @@ def history(
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axs[0].legend(frameon=False, fontsize="small")
-    return finish(fig, fig, show=show, save=save, ax_given=ax_given)
+    return finish(fig, fig, show=show, save=save, ax_given=ax_given, dpi=dpi)
 
 
 def _per_gene(data: Any, scope: str) -> pd.Series:
@@ -194,6 +209,7 @@ def gene_scores(
     ax: Axes | None = None,
     show: bool | None = None,
     save: str | Path | None = None,
+    dpi: int | None = None,
 ) -> Axes | None:
     """Per-gene Pearson r ranked from best to worst, with PCC@K marked.
 
@@ -219,6 +235,8 @@ def gene_scores(
         is given.
     save
         Path of an image file to write the figure to.
+    dpi
+        Resolution of the saved image in dots per inch (default: 150).
 
     Returns
     -------
@@ -269,4 +287,4 @@ def gene_scores(
     ax.set_ylabel("Pearson r")
     ax.set_title(f"per-gene Pearson r ({scope}, {n} genes)")
     ax.grid(axis="y", alpha=0.3)
-    return finish(ax.figure, ax, show=show, save=save, ax_given=ax_given)
+    return finish(ax.figure, ax, show=show, save=save, ax_given=ax_given, dpi=dpi)

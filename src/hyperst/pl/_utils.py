@@ -40,23 +40,36 @@ STREAM_MARKERS: dict[str, str] = {
     Key.OBSM_GENE_SPOT: "^",
     Key.OBSM_GENE_NICHE: "D",
 }
+#: Resolution (dots per inch) of figures written with ``save=`` when no ``dpi`` is given.
+SAVE_DPI = 150
 EXTRA_COLORS = ("#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 EXTRA_MARKERS = ("v", "P", "X", "*", "h", "p")
 
 
 # ---------------------------------------------------------------------------------------------- show / save
-def finish(fig: Figure, result: T, *, show: bool | None, save: str | Path | None, ax_given: bool) -> T | None:
+def finish(
+    fig: Figure,
+    result: T,
+    *,
+    show: bool | None,
+    save: str | Path | None,
+    ax_given: bool,
+    dpi: int | None = None,
+) -> T | None:
     """Save and/or show ``fig`` following scanpy: return ``result`` unless the figure is shown.
 
-    ``show=None`` shows the figure only when neither ``save`` nor an ``ax`` was given.
+    ``show=None`` shows the figure only when neither ``save`` nor an ``ax`` was given. ``save`` writes the
+    figure at ``dpi`` dots per inch (``None``: :data:`SAVE_DPI`).
     """
+    if dpi is not None and (isinstance(dpi, bool) or not isinstance(dpi, int | float) or not dpi > 0):
+        raise ValueError(f"`dpi` must be a positive number, got {dpi!r}.")
     if show is None:
         show = save is None and not ax_given
     if save is not None:
         path = Path(save)
         if not path.parent.exists():
             raise FileNotFoundError(f"`save={str(save)!r}`: the folder {str(path.parent)!r} does not exist.")
-        fig.savefig(path, dpi=150, bbox_inches="tight")
+        fig.savefig(path, dpi=SAVE_DPI if dpi is None else dpi, bbox_inches="tight")
         logger.info(f"saved figure to {path}")
     if show:
         plt.show()

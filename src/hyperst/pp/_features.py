@@ -191,9 +191,13 @@ def _feature_record(spec: BackboneSpec, geom: CropGeometry, spots: Sequence[Samp
 
 
 def _same(a: Any, b: Any) -> bool:
+    """Whether two records are equal as JSON (numpy arrays and scalars, as read back from h5ad/zarr, as lists)."""
     import json
 
-    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+    def plain(value: Any) -> Any:
+        return value.tolist() if hasattr(value, "tolist") else str(value)
+
+    return json.dumps(a, sort_keys=True, default=plain) == json.dumps(b, sort_keys=True, default=plain)
 
 
 def image_features(

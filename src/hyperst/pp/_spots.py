@@ -25,6 +25,9 @@ __all__ = ["LAYOUTS", "SampleSpots", "resolve_spots", "spot_table"]
 
 Layout = Literal["visium", "st", "generic"]
 
+#: Suffixes of spots element names that are not part of the sample name (readers write ``f"{sample}_spots"``).
+_SPOTS_SUFFIXES: tuple[str, ...] = ("_spots", "_shapes", "_circles")
+
 #: Physical defaults per layout: spot diameter and centre-to-centre pitch in µm.
 LAYOUTS: dict[str, dict[str, float]] = {
     "visium": {"spot_diameter": 55.0, "pitch": 100.0},
@@ -39,7 +42,8 @@ class SampleSpots:
     Attributes
     ----------
     sample
-        Sample name (the table's sample column value, else the shapes element's name).
+        Sample name: the table's sample column value, else the shapes element's name without a trailing
+        ``"_spots"``/``"_shapes"``/``"_circles"`` (``"C6_spots"`` → ``"C6"``).
     image_key
         Image element holding the H&E.
     shapes_key
@@ -99,6 +103,19 @@ class SampleSpots:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _sample_name(shapes_key: str) -> str:
+    """Sample name of a spots element that no table names: the key without a trailing spots suffix.
+
+    The suffixes are ``"_spots"``, ``"_shapes"`` and ``"_circles"``: hyperst's readers name elements
+    ``f"{sample}_image"`` and ``f"{sample}_spots"``, so ``"C6_spots"`` → ``"C6"``. A key that is only the
+    suffix, or has none, is kept as is.
+    """
+    for suffix in _SPOTS_SUFFIXES:
+        if shapes_key.endswith(suffix) and len(shapes_key) > len(suffix):
+            return shapes_key[: -len(suffix)]
+    return shapes_key
+
+
 def _names(elements: Mapping[str, Any]) -> list[str]:
     return sorted(elements.keys())
 
@@ -244,7 +261,9 @@ def resolve_spots(
     pitch
         Centre-to-centre spot distance in µm (default: metadata, else 100 Visium, 200 ST).
     sample_key
-        ``.obs`` column of the table naming samples (used for names and metadata).
+        ``.obs`` column of the table naming samples (used for names and metadata). Spots whose table rows
+        have no (or several) sample names are named after their element without a trailing ``"_spots"``,
+        ``"_shapes"`` or ``"_circles"`` (``"C6_spots"`` → ``"C6"``).
 
     Returns
     -------
@@ -372,7 +391,7 @@ def resolve_spots(
         # -- table rows
         rows = None
         obs_names = pd.Index(index.astype(str))
-        sample = skey
+        sample = _sample_name(skey)
         if table is not None and region_key is not None:
             obs = table.obs
             mask = (obs[region_key].astype(str) == skey).to_numpy()
@@ -472,8 +491,10 @@ def spot_table(sdata: SpatialData, *, shapes_key: str | None = None, table_key: 
 
     Returns
     -------
-    The new table (also stored in ``sdata.tables[table_key]``), with no genes and the spot centres in
-    ``.obsm["spatial"]`` (intrinsic coordinates of the shapes).
+    The new table (also stored in ``sdata.tables[table_key]``), with no genes, the spot centres in
+    ``.obsm["spatial"]`` (intrinsic coordinates of the shapes) and ``.obs["sample"]``: the element's name
+    without a trailing ``"_spots"``, ``"_shapes"`` or ``"_circles"`` (``"C6_spots"`` → ``"C6"``), as in
+    :func:`resolve_spots`.
     """
     import anndata as ad
     from spatialdata.models import TableModel
@@ -487,8 +508,13 @@ def spot_table(sdata: SpatialData, *, shapes_key: str | None = None, table_key: 
     if shapes_key not in sdata.shapes:
         raise ValueError(f"`shapes_key={shapes_key!r}` not found; shapes: {_names(sdata.shapes)}.")
     index, xy, _ = _spot_centres_and_diameters(sdata.shapes[shapes_key])
+    sample = _sample_name(shapes_key)
     obs = pd.DataFrame(
-        {"region": pd.Categorical([shapes_key] * len(index)), "instance_id": np.asarray(index)},
+        {
+            "region": pd.Categorical([shapes_key] * len(index)),
+            "instance_id": np.asarray(index),
+            Key.OBS_SAMPLE: pd.Categorical([sample] * len(index), categories=[sample]),
+        },
         index=[f"{shapes_key}-{i}" for i in index],
     )
     table = ad.AnnData(X=np.zeros((len(index), 0), dtype=np.float32), obs=obs)

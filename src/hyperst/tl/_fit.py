@@ -226,6 +226,7 @@ def fit(
     num_workers: int = 0,
     progress: bool = True,
     trainer_kwargs: Mapping[str, Any] | None = None,
+    key_added: str = Key.OBSM_IMAGE_SPOT,
 ) -> HyperST:
     """Train HyperST on spots with measured expression.
 
@@ -302,14 +303,24 @@ def fit(
         Show progress bars.
     trainer_kwargs
         Any other ``Trainer`` option.
+    key_added
+        ``.obsm`` key of the image spot embedding written to each training table; the other streams go to
+        ``f"{key_added}_niche"``, ``f"{key_added}_gene"`` and ``f"{key_added}_gene_niche"``. The default
+        gives ``"X_hyperst"``, ``"X_hyperst_niche"``, ``"X_hyperst_gene"`` and ``"X_hyperst_gene_niche"``;
+        pass another key to keep the embeddings of an earlier fit.
 
     Returns
     -------
-    The trained :class:`HyperST`. Each training table also gains ``.obsm["X_hyperst"]`` (image spot
-    embedding), ``.obsm["X_hyperst_niche"]``, ``.obsm["X_hyperst_gene"]``,
-    ``.obsm["X_hyperst_gene_niche"]`` (Lorentz space coordinates, for the streams the model has) and
-    ``.uns["hyperst"]["fit"]`` (parameters and history); gene selection, niche expression and image
-    feature keys are added when they had to be computed.
+    The trained :class:`HyperST`. Each training table also gains the embeddings in ``.obsm[key_added]``
+    (image spot), ``.obsm[f"{key_added}_niche"]``, ``.obsm[f"{key_added}_gene"]``,
+    ``.obsm[f"{key_added}_gene_niche"]`` (Lorentz space coordinates, for the streams the model has) and
+    ``.uns["hyperst"]["fit"]``: ``"params"`` (training parameters), ``"genes"``, ``"config"``,
+    ``"curvature"``, ``"key_added"``, ``"obsm_keys"`` (stream → ``.obsm`` key) and ``"history"``, the
+    per-epoch history as ``{"columns": names, "data": (n_epochs, n_columns) float64 array}`` (``"epoch"``,
+    ``"train/<metric>"``, ``"val/<metric>"``; NaN where an epoch lacks a metric; rebuild it with
+    ``pandas.DataFrame(**history)``), a layout that ``.h5ad`` and ``.zarr`` can store. The record of the
+    latest fit replaces an earlier one. Gene selection, niche expression and image feature keys are added
+    when they had to be computed.
     """
     import torch
 
@@ -318,6 +329,7 @@ def fit(
 
     if mode not in ("frozen", "lora"):
         raise ValueError(f"`mode` must be 'frozen' or 'lora', got {mode!r}.")
+    obsm_keys = _obsm_keys(key_added, reserved=(spot_key, niche_key, Key.OBSM_SPATIAL, Key.OBSM_NICHE_EXPRESSION))
     items = list(data) if isinstance(data, list | tuple) else [data]
     if mode == "lora":
         parts, crop_arrays, geom = _lora_parts(items, table_key, geometry, cache_dir, progress)
@@ -464,7 +476,7 @@ def fit(
             niche_targets=None if yn is None else np.concatenate(
                 [_niche_targets(a, genes, layer, sample_key) for a in whole]),
         )
-    _write_embeddings(model, parts, arrays)
+    _write_embeddings(model, parts, arrays, obsm_keys)
     return model
 
 
@@ -544,17 +556,49 @@ def _tissue_filter(
     return out, crop_arrays
 
 
-def _write_embeddings(model: HyperST, parts: list[_Part], data: FeatureData) -> None:
-    """Write the stream embeddings and the fit record into each user table (NaN for unused rows)."""
+def _obsm_keys(key_added: str, *, reserved: Sequence[str] = ()) -> dict[str, str]:
+    """``.obsm`` key of each stream embedding written by :func:`fit`, derived from ``key_added``.
+
+    ``"image_spot"`` → ``key_added``, ``"image_niche"`` → ``f"{key_added}_niche"``, ``"gene_spot"`` →
+    ``f"{key_added}_gene"``, ``"gene_niche"`` → ``f"{key_added}_gene_niche"`` (the defaults are the
+    ``Key.OBSM_*`` embedding keys). Raises for an empty key or one that would overwrite ``reserved`` keys.
+    """
+    if not isinstance(key_added, str) or not key_added:
+        raise ValueError(f"`key_added` must be a non-empty string, got {key_added!r}.")
+    keys = {
+        "image_spot": key_added,
+        "image_niche": f"{key_added}_niche",
+        "gene_spot": f"{key_added}_gene",
+        "gene_niche": f"{key_added}_gene_niche",
+    }
+    clash = sorted(set(keys.values()) & set(reserved))
+    if clash:
+        raise ValueError(f"`key_added={key_added!r}` would overwrite `.obsm` {clash}; pass another key.")
+    return keys
+
+
+def _history_table(history: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """Per-epoch history as ``{"columns": names, "data": (n_epochs, n_columns) float64}`` for ``.uns``.
+
+    h5ad cannot store a list of dicts, nor keys with ``/`` (``"train/loss"``), so the names are a string
+    array and the values one matrix (NaN where an epoch lacks a metric); ``pandas.DataFrame(**table)``
+    rebuilds the table. ``"epoch"`` is the first column.
+    """
+    names = list(dict.fromkeys(["epoch", *(str(k) for h in history for k in h)]))
+    col = {name: j for j, name in enumerate(names)}
+    data = np.full((len(history), len(names)), np.nan, dtype=np.float64)
+    for i, h in enumerate(history):
+        data[i, 0] = i
+        for k, v in h.items():
+            data[i, col[str(k)]] = np.nan if v is None else float(v)
+    return {"columns": np.array(names, dtype=object), "data": data}
+
+
+def _write_embeddings(model: HyperST, parts: list[_Part], data: FeatureData, keys: Mapping[str, str]) -> None:
+    """Write the stream embeddings (``.obsm[keys[stream]]``) and the fit record into each table (NaN: unused rows)."""
     import torch
 
     net = model.network.eval()
-    keys = {
-        "image_spot": Key.OBSM_IMAGE_SPOT,
-        "image_niche": Key.OBSM_IMAGE_NICHE,
-        "gene_spot": Key.OBSM_GENE_SPOT,
-        "gene_niche": Key.OBSM_GENE_NICHE,
-    }
     embs: dict[str, list[np.ndarray]] = {}
     dev = model.device
 
@@ -569,10 +613,12 @@ def _write_embeddings(model: HyperST, parts: list[_Part], data: FeatureData) -> 
                 embs.setdefault(k, []).append(v.float().cpu().numpy())
     merged = {k: np.concatenate(v) for k, v in embs.items()}
     record = _jsonable(
-        {"params": model.training, "genes": model.genes, "history": model.history, "config": model.config.to_dict(),
-         "curvature": float(model.network.curvature.detach().cpu())},
+        {"params": model.training, "genes": model.genes, "config": model.config.to_dict(),
+         "curvature": float(model.network.curvature.detach().cpu()), "key_added": keys["image_spot"],
+         "obsm_keys": {k: keys[k] for k in merged}},
         drop_none=True,
     )
+    record["history"] = _history_table(model.history)  # after _jsonable: keeps the NaN of missing metrics
     offset = 0
     for p in parts:
         n = len(p.rows)

@@ -88,9 +88,10 @@ class HyperST:
             raise ValueError("`genes` contains duplicates.")
         self.config = config
         self.genes = genes
-        self.backbone = dict(backbone) if backbone is not None else None
-        self.crop_geometry = dict(crop_geometry) if crop_geometry is not None else None
-        self.preprocessing = dict(preprocessing or {"targets": "log2p1", "normalize": False})
+        # records read back from .h5ad hold numpy arrays and scalars: keep plain Python (JSON-compatible)
+        self.backbone = _jsonable(dict(backbone)) if backbone is not None else None
+        self.crop_geometry = _jsonable(dict(crop_geometry)) if crop_geometry is not None else None
+        self.preprocessing = _jsonable(dict(preprocessing or {"targets": "log2p1", "normalize": False}))
         if image_model is not None:
             if network is not None and network is not image_model.network:
                 raise ValueError("`network` must be `image_model.network` when both are given.")
@@ -217,9 +218,9 @@ class HyperST:
             "hyperst_version": __version__,
             "config": self.config.to_dict(),
             "genes": self.genes,
-            "backbone": self.backbone,
-            "crop_geometry": self.crop_geometry,
-            "preprocessing": self.preprocessing,
+            "backbone": _jsonable(self.backbone),
+            "crop_geometry": _jsonable(self.crop_geometry),
+            "preprocessing": _jsonable(self.preprocessing),
             "training": _jsonable(self.training),
             "history": _jsonable(self.history),
             "lora": None if self.lora is None else self.lora.to_dict(),
