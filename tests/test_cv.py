@@ -18,26 +18,6 @@ FIT = {"config": {"emb_dim": 16, "dropout": 0.0}, "max_epochs": 3, "batch_size":
 GENES = [f"G{i}" for i in range(N_GENES)]
 
 
-def _slide(name: str, n_side: int, seed: int, w: np.ndarray) -> ad.AnnData:
-    """Square grid of spots; a latent tissue state drives both the features and the counts."""
-    rng = np.random.default_rng(seed)
-    rows, cols = np.meshgrid(np.arange(n_side), np.arange(n_side), indexing="ij")
-    xy = np.column_stack([cols.ravel() * 100.0, rows.ravel() * 100.0])
-    state = np.column_stack([np.sin(xy[:, 0] / 300 + seed), np.cos(xy[:, 1] / 250 - seed), rng.normal(size=len(xy))])
-    counts = rng.poisson(np.exp(state @ w + 1.0)).astype(np.float32)
-    proj = np.random.default_rng(99).normal(size=(3, DIM))
-    spot = state @ proj + 0.1 * rng.normal(size=(len(xy), DIM))
-    obs = pd.DataFrame(
-        {"sample": name, "array_row": rows.ravel(), "array_col": cols.ravel()},
-        index=[f"{name}_{i}" for i in range(len(xy))],
-    )
-    a = ad.AnnData(counts, obs=obs, var=pd.DataFrame(index=GENES))
-    a.obsm["spatial"] = xy
-    a.obsm[Key.OBSM_FEATURES_SPOT] = spot.astype(np.float32)
-    a.obsm[Key.OBSM_FEATURES_NICHE] = (spot + 0.2 * rng.normal(size=spot.shape)).astype(np.float32)
-    return a
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """Tiny models: one intra-op thread avoids OpenMP oversubscription on shared CPUs (10x faster)."""
@@ -48,9 +28,9 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def slides() -> list[ad.AnnData]:
+def slides(make_feature_slide) -> list[ad.AnnData]:
     w = np.random.default_rng(0).normal(size=(3, N_GENES)) * 0.8
-    return [_slide(f"s{i}", 8, seed=i, w=w) for i in range(4)]
+    return [make_feature_slide(f"s{i}", 8, seed=i, w=w, genes=GENES, dim=DIM) for i in range(4)]
 
 
 @pytest.fixture(scope="module")

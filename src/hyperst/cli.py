@@ -1,4 +1,4 @@
-"""The ``hyperst`` command line: ``demo``, ``fit``, ``predict`` and ``evaluate``."""
+"""The ``hyperst`` command line: ``demo``, ``fit``, ``predict``, ``evaluate`` and ``benchmark``."""
 
 from __future__ import annotations
 
@@ -231,6 +231,76 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmark_data(args: argparse.Namespace) -> Any:
+    """The inputs of ``hyperst benchmark`` as one AnnData table with image features."""
+    import anndata as ad
+
+    import hyperst as hst
+
+    cache = Path(args.features_cache) if args.features_cache else None
+    if cache is not None and cache.is_file():
+        _say(f"image features from {cache}")
+        return ad.read_h5ad(cache)
+    items: list[Any] = [_read(p) for p in args.data]
+    if args.her2st:
+        items.append(hst.datasets.her2st(args.her2st))
+    if args.hest:
+        if not args.hest_ids:
+            raise SystemExit("--hest needs --hest-ids (the HEST sample ids to read).")
+        items.append(hst.datasets.hest(args.hest, args.hest_ids))
+    if not items:
+        raise SystemExit("Give data: .zarr stores / .h5ad tables, --her2st DIR, or --hest ROOT --hest-ids ID ...")
+    tables = []
+    for item in items:
+        if hasattr(item, "tables"):  # SpatialData: features computed here unless its table has them
+            hst.pp.image_features(item, backbone=args.backbone, table_key=args.table_key, progress=args.progress)
+            keys = list(item.tables)
+            if len(keys) != 1 and args.table_key is None:
+                raise SystemExit(f"A SpatialData has tables {keys}: pass --table-key.")
+            item = item.tables[args.table_key or keys[0]]
+        tables.append(item)
+    table = tables[0] if len(tables) == 1 else ad.concat(tables, join="inner", merge="same", pairwise=True)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        table.write_h5ad(cache)
+        _say(f"image features cached in {cache}")
+    return table
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import hyperst as hst
+    from hyperst.tl._benchmark import DEFAULT_FIT_KWARGS, compare_markdown
+
+    table = _benchmark_data(args)
+    gene_sets = None
+    if args.gene_sets:
+        gene_sets = {}
+        for spec in args.gene_sets:
+            flavor, _, n = spec.partition(":")
+            if flavor not in ("mean", "hmhvg", "hvg") or not n.isdigit():
+                raise SystemExit(f"--gene-sets entries look like mean:250 or hmhvg:300, got {spec!r}.")
+            gene_sets[f"{flavor}{n}"] = {"flavor": flavor, "n_top": int(n)}
+    fit_kwargs = dict(DEFAULT_FIT_KWARGS)
+    if args.fit_kwargs:
+        fit_kwargs.update(json.loads(args.fit_kwargs))
+    res = hst.tl.benchmark(
+        table, methods=args.methods, groupby=args.groupby, seeds=args.seeds, gene_sets=gene_sets,
+        normalize=args.normalized, fit_kwargs=fit_kwargs, n_jobs=args.n_jobs, threads_per_job=args.threads,
+        progress=args.progress,
+    )
+    out = Path(args.out)
+    res.save(out, overwrite=args.overwrite)
+    text = res.to_markdown() + "\n" + compare_markdown(res.compare(args.reference))
+    (out / "report.md").write_text(text)
+    res.plot(args.metric).savefig(out / "scores.png", dpi=110)
+    print(text)
+    _say(f"scores, timings, report.md and scores.png written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``hyperst`` command."""
     parser = argparse.ArgumentParser(
@@ -282,6 +352,30 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--table-key", default="table")
     ev.add_argument("--out", default=None, help="CSV of the tidy summary")
     ev.set_defaults(func=_evaluate)
+
+    bench = sub.add_parser("benchmark", help="HyperST vs ablations and baselines, cross-validated over groups.")
+    bench.add_argument("data", nargs="*", help=".zarr stores or .h5ad tables (with image features or images)")
+    bench.add_argument("--her2st", default=None, metavar="DIR", help="add the Her2ST sections in DIR")
+    bench.add_argument("--hest", default=None, metavar="ROOT", help="add HEST-1k samples from ROOT")
+    bench.add_argument("--hest-ids", nargs="+", default=None, metavar="ID")
+    bench.add_argument("--out", required=True, help="result folder")
+    bench.add_argument("--groupby", default="sample", help=".obs column held out together (default: sample)")
+    bench.add_argument("--methods", nargs="+", default=None, help="default: all (see hst.tl.BENCHMARK_METHODS)")
+    bench.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    bench.add_argument("--gene-sets", nargs="+", default=None, metavar="FLAVOR:N",
+                       help="e.g. mean:250 hmhvg:300 (the default)")
+    bench.add_argument("--normalized", action="store_true", help="library-size normalised targets")
+    bench.add_argument("--fit-kwargs", default=None, help='JSON overrides of the HyperST fit, e.g. \'{"lr": 1e-4}\'')
+    bench.add_argument("--reference", default="hyperst", help="method the paired comparison is against")
+    bench.add_argument("--metric", default="PCC@50", help="metric of the figure")
+    bench.add_argument("--backbone", default="efficientnet_lite0", help="frozen backbone for missing features")
+    bench.add_argument("--features-cache", default=None, metavar="H5AD", help="reuse/write the feature table")
+    bench.add_argument("--table-key", default=None)
+    bench.add_argument("--n-jobs", type=int, default=1, help="worker processes")
+    bench.add_argument("--threads", type=int, default=None, help="torch threads per worker")
+    bench.add_argument("--overwrite", action="store_true")
+    bench.add_argument("--progress", action="store_true")
+    bench.set_defaults(func=_benchmark)
     return parser
 
 

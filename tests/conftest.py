@@ -1,0 +1,42 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from hyperst._constants import Key
+
+
+def feature_slide(name: str, n_side: int, seed: int, w: np.ndarray, *, genes: Sequence[str], dim: int) -> ad.AnnData:
+    """Square grid of spots (100 µm pitch) whose latent tissue state drives both image features and counts.
+
+    ``w`` (3 × len(genes)) maps the latent state to log expression; the features are a fixed random
+    projection of the same state plus noise, so a good model can predict counts from features.
+    """
+    rng = np.random.default_rng(seed)
+    rows, cols = np.meshgrid(np.arange(n_side), np.arange(n_side), indexing="ij")
+    xy = np.column_stack([cols.ravel() * 100.0, rows.ravel() * 100.0])
+    state = np.column_stack([np.sin(xy[:, 0] / 300 + seed), np.cos(xy[:, 1] / 250 - seed), rng.normal(size=len(xy))])
+    counts = rng.poisson(np.exp(state @ w + 1.0)).astype(np.float32)
+    proj = np.random.default_rng(99).normal(size=(3, dim))
+    spot = state @ proj + 0.1 * rng.normal(size=(len(xy), dim))
+    obs = pd.DataFrame(
+        {"sample": name, "array_row": rows.ravel(), "array_col": cols.ravel()},
+        index=[f"{name}_{i}" for i in range(len(xy))],
+    )
+    a = ad.AnnData(counts, obs=obs, var=pd.DataFrame(index=list(genes)))
+    a.obsm["spatial"] = xy
+    a.obsm[Key.OBSM_FEATURES_SPOT] = spot.astype(np.float32)
+    a.obsm[Key.OBSM_FEATURES_NICHE] = (spot + 0.2 * rng.normal(size=spot.shape)).astype(np.float32)
+    return a
+
+
+@pytest.fixture(scope="session")
+def make_feature_slide() -> Callable[..., ad.AnnData]:
+    """:func:`feature_slide`: synthetic slides with image features in ``.obsm`` and Poisson counts."""
+    return feature_slide
