@@ -208,6 +208,12 @@ def test_retrieval_reuses_the_clip_network_and_picks_k_on_validation(table: ad.A
     pooled = res.scores[(res.scores["scope"] == "pooled")].set_index(["method", "metric"])["value"]
     assert pooled[("mean", "PCC@5")] == 0.0
     assert pooled[("bleep", "PCC@5")] > 0.3  # retrieval finds spots of the same tissue state
+    # the mean predictor (PCC 0 by construction) is left out of PCC plots, kept in MSE plots
+    labels = [t.get_text() for t in res.plot("PCC@5").axes[0].get_yticklabels()]
+    assert labels == ["clip", "bleep"]
+    assert len(res.plot("MSE").axes[0].get_yticklabels()) == 3
+    with pytest.raises(ValueError, match="no 'PCC@5' scores"):
+        res.plot("PCC@5", methods=["ridge"])
 
 
 def test_worker_processes_give_identical_results(table: ad.AnnData) -> None:
@@ -257,3 +263,27 @@ def test_errors(table: ad.AnnData) -> None:
     del bare.obsm["hyperst_features_spot"]
     with pytest.raises(ValueError, match="image_features"):
         hst.tl.benchmark(bare, methods=["mean"], **kw)
+
+
+def test_spatialdata_inputs_and_patient_grouping() -> None:
+    from hyperst._constants import Key
+
+    sdata = hst.datasets.synthetic(n_samples=4, n_rows=6, n_cols=6, n_genes=12, seed=0)
+    t = sdata.tables["table"]
+    rng = np.random.default_rng(0)
+    onehot = pd.get_dummies(t.obs[Key.OBS_TISSUE]).to_numpy(np.float32)
+    feats = onehot @ rng.normal(size=(onehot.shape[1], DIM)) + 0.1 * rng.normal(size=(t.n_obs, DIM))
+    t.obsm[Key.OBSM_FEATURES_SPOT] = feats.astype(np.float32)
+    t.obsm[Key.OBSM_FEATURES_NICHE] = feats.astype(np.float32)
+    t.obs["patient"] = t.obs["sample"].map({"sample0": "A", "sample1": "A", "sample2": "B", "sample3": "C"})
+    res = hst.tl.benchmark(sdata, groupby="patient", methods=["ridge", "mean"], seeds=[0],
+                           gene_sets={"all": list(t.var_names)}, ks=(5,), progress=False)
+    assert res.meta["folds"] == ["A", "B", "C"]
+    job_a = next(j for j in res.meta["jobs"] if j["fold"] == "A")
+    assert job_a["val_groups"] == ["B"]
+    assert job_a["fit_groups"] == ["C"]
+    assert job_a["n_test"] == 72  # both slides of patient A held out together
+    # a fold holding out two slides gets per-slide scores and their mean
+    scopes = set(res.scores[res.scores["fold"] == "A"]["scope"])
+    assert scopes == {"pooled", "sample0", "sample1", "mean_over_slides"}
+    assert res.summary(scope="mean_over_slides").loc[("all", "ridge"), ("PCC@5", "mean")] > 0.5
