@@ -363,8 +363,8 @@ pred = hst.tl.predict(model, he_only, progress=False)
 TIMES["predict C6 (features + heads, 178 spots)"] = time.perf_counter() - t0
 print(f"{TIMES['predict C6 (features + heads, 178 spots)']:.0f} s")
 print(pred)
-print(f"pixel size used: {he_only.tables['table'].uns['hyperst']['spots']['C6_spots']['pixel_size']:.4f} µm/px "
-      f"(source: {he_only.tables['table'].uns['hyperst']['spots']['C6_spots']['pixel_size_source']}); "
+print(f"pixel size used: {he_only.tables['table'].uns['hyperst']['spots']['C6']['pixel_size']:.4f} µm/px "
+      f"(source: {he_only.tables['table'].uns['hyperst']['spots']['C6']['pixel_size_source']}); "
       f"the reader's grid fit gave {spots_meta.loc['C6', 'pixel_size']:.4f}")""",
     ),
     (
