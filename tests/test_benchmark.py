@@ -174,6 +174,9 @@ def test_paired_comparison_matches_a_paired_t_test() -> None:
     mse.scores["metric"] = "MSE"
     assert mse.compare("ref", metric="MSE").loc[("g", "lower"), "wins"] == 5
     assert best_baseline(res, gene_set="g") == "better"
+    folds = res.fold_means()
+    assert folds.shape == (5, 3)
+    assert folds.loc[("g", "f2"), "better"] == pytest.approx(0.5 + 0.1 + 0.0005 + 0.06 + 0.001)
     md = compare_markdown(cmp)
     assert "| `better` | +0.047 |" in md
     assert "**yes**" in md

@@ -88,7 +88,8 @@ def test_image_features_reused_after_h5ad_round_trip(sdata, monkeypatch, tmp_pat
 
     monkeypatch.setattr("hyperst.pp._features.extract_features", boom)
     hst.pp.image_features(sdata, **TINY)
-    np.testing.assert_array_equal(sdata.tables["table"].obsm[Key.OBSM_FEATURES_SPOT], table.obsm[Key.OBSM_FEATURES_SPOT])
+    reused = sdata.tables["table"].obsm[Key.OBSM_FEATURES_SPOT]
+    np.testing.assert_array_equal(reused, table.obsm[Key.OBSM_FEATURES_SPOT])
 
 
 def test_image_features_on_he_only_spots(sdata) -> None:

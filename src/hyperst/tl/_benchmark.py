@@ -494,7 +494,8 @@ def benchmark(
     table_key
         Table of the SpatialData in ``data``.
     n_jobs
-        Worker processes (one job = one fold × gene set × seed, all methods). Results do not depend on it.
+        Worker processes (one job = one fold × gene set × seed, all methods). With the same
+        ``threads_per_job`` the results do not depend on it (the Her2ST run gave identical scores twice).
     threads_per_job
         Torch threads per job (default: unchanged with ``n_jobs=1``, 1 otherwise).
     progress
