@@ -20,6 +20,7 @@ from hyperst.pl._utils import (
     STREAM_MARKERS,
     STREAMS,
     curvature_of,
+    doc_figure,
     embedding,
     embedding_keys,
     finish,
@@ -135,6 +136,7 @@ def _colors(adata: AnnData, color: str, idx: np.ndarray) -> tuple[str, np.ndarra
     return "categorical", rgba, [(c, v) for c, v in lut.items() if c in present]
 
 
+@doc_figure("ax")
 def poincare(
     adata: AnnData,
     *,
@@ -198,13 +200,7 @@ def poincare(
         Draw a legend (or a colour bar for numeric ``color``).
     ax
         Axes to draw into (default: a new figure).
-    show
-        Call :func:`matplotlib.pyplot.show` and return ``None``. Default: show unless ``save`` or ``ax``
-        is given.
-    save
-        Path of an image file to write the figure to.
-    dpi
-        Resolution of the saved image in dots per inch (default: 150).
+    {figure_params}
 
     Returns
     -------
@@ -333,6 +329,7 @@ def poincare(
     return finish(ax.figure, ax, show=show, save=save, ax_given=ax_given, dpi=dpi)
 
 
+@doc_figure("ax")
 def radius(
     adata: AnnData,
     *,
@@ -360,13 +357,7 @@ def radius(
         Curvature magnitude; default as in :func:`poincare`.
     ax
         Axes to draw into (default: a new figure).
-    show
-        Call :func:`matplotlib.pyplot.show` and return ``None``. Default: show unless ``save`` or ``ax``
-        is given.
-    save
-        Path of an image file to write the figure to.
-    dpi
-        Resolution of the saved image in dots per inch (default: 150).
+    {figure_params}
 
     Returns
     -------

@@ -12,7 +12,7 @@ from matplotlib.collections import EllipseCollection
 from matplotlib.colors import Normalize
 
 from hyperst._constants import Key
-from hyperst.pl._utils import align, as_list, finish, observed, pearson, prediction
+from hyperst.pl._utils import align, as_list, doc_figure, finish, observed, pearson, prediction
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -108,6 +108,7 @@ def _spots(
     return col
 
 
+@doc_figure(None)
 def spatial(
     adata_pred: AnnData,
     genes: str | Sequence[str],
@@ -174,12 +175,7 @@ def spatial(
         Number of genes (panel pairs) per row of the figure.
     panel_size
         Size of one panel in inches.
-    show
-        Call :func:`matplotlib.pyplot.show` and return ``None``. Default: show unless ``save`` is given.
-    save
-        Path of an image file to write the figure to.
-    dpi
-        Resolution of the saved image in dots per inch (default: 150).
+    {figure_params}
 
     Returns
     -------
@@ -258,6 +254,7 @@ def spatial(
     return finish(fig, fig, show=show, save=save, ax_given=False, dpi=dpi)
 
 
+@doc_figure("ax")
 def scatter(
     adata_pred: AnnData,
     gene: str,
@@ -298,13 +295,7 @@ def scatter(
         Marker size (points²); default scales with the number of spots.
     ax
         Axes to draw into (default: a new figure).
-    show
-        Call :func:`matplotlib.pyplot.show` and return ``None``. Default: show unless ``save`` or ``ax``
-        is given.
-    save
-        Path of an image file to write the figure to.
-    dpi
-        Resolution of the saved image in dots per inch (default: 150).
+    {figure_params}
 
     Returns
     -------

@@ -12,7 +12,7 @@ import pandas as pd
 
 from hyperst._constants import Key
 from hyperst._logging import logger
-from hyperst.pl._utils import finish
+from hyperst.pl._utils import doc_figure, finish
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -74,6 +74,7 @@ def _components(frame: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+@doc_figure("axes")
 def history(
     model_or_history: Any,
     *,
@@ -105,13 +106,7 @@ def history(
         Logarithmic y axes.
     axes
         One Axes per component to draw into (default: a new figure, at most four panels per row).
-    show
-        Call :func:`matplotlib.pyplot.show` and return ``None``. Default: show unless ``save`` or ``axes``
-        is given.
-    save
-        Path of an image file to write the figure to.
-    dpi
-        Resolution of the saved image in dots per inch (default: 150).
+    {figure_params}
 
     Returns
     -------
@@ -200,6 +195,7 @@ def _per_gene(data: Any, scope: str) -> pd.Series:
     return r.sort_values(ascending=False, kind="stable")
 
 
+@doc_figure("ax")
 def gene_scores(
     evaluation: Any,
     *,
@@ -230,13 +226,7 @@ def gene_scores(
         all genes, and marked for K ≤ ``top``). Default: a line over all genes.
     ax
         Axes to draw into (default: a new figure).
-    show
-        Call :func:`matplotlib.pyplot.show` and return ``None``. Default: show unless ``save`` or ``ax``
-        is given.
-    save
-        Path of an image file to write the figure to.
-    dpi
-        Resolution of the saved image in dots per inch (default: 150).
+    {figure_params}
 
     Returns
     -------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -47,6 +47,40 @@ EXTRA_MARKERS = ("v", "P", "X", "*", "h", "p")
 
 
 # ---------------------------------------------------------------------------------------------- show / save
+#: Marker line that :func:`doc_figure` replaces in a plotting function's docstring.
+FIGURE_PARAMS = "    {figure_params}\n"
+
+
+def doc_figure(draw_into: str | None) -> Callable[[T], T]:
+    """Fill the shared ``show``/``save``/``dpi`` entries into the ``Parameters`` of a plotting function.
+
+    The docstring holds the line ``{figure_params}`` (indented as a parameter) where the entries go.
+    ``draw_into`` names the function's own Axes argument (``"ax"``, ``"axes"``), or ``None`` when it has none;
+    the ``show`` default is described accordingly (as :func:`finish` implements it).
+    """
+    unless = "``save``" + (f" or ``{draw_into}``" if draw_into else "") + " is given"
+    text = (
+        "    show\n"
+        "        Call :func:`matplotlib.pyplot.show` and return ``None``. Default: show unless "
+        f"{unless}.\n"
+        "    save\n"
+        "        Path of an image file to write the figure to.\n"
+        "    dpi\n"
+        f"        Resolution of the saved image in dots per inch (default: {SAVE_DPI}).\n"
+    )
+
+    def decorate(func: T) -> T:
+        doc = func.__doc__
+        if doc is None:  # python -OO strips docstrings
+            return func
+        if FIGURE_PARAMS not in doc:
+            raise ValueError(f"{func.__name__}'s docstring lacks the line {FIGURE_PARAMS.strip()!r}.")
+        func.__doc__ = doc.replace(FIGURE_PARAMS, text)
+        return func
+
+    return decorate
+
+
 def finish(
     fig: Figure,
     result: T,
