@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -12,15 +13,18 @@ import pytest
 from hyperst._constants import Key
 
 
-def feature_slide(name: str, n_side: int, seed: int, w: np.ndarray, *, genes: Sequence[str], dim: int) -> ad.AnnData:
+def feature_slide(
+    name: str, n_side: int, seed: int, w: np.ndarray, *, genes: Sequence[str], dim: int, offset: float = 0.0
+) -> ad.AnnData:
     """Square grid of spots (100 µm pitch) whose latent tissue state drives both image features and counts.
 
     ``w`` (3 × len(genes)) maps the latent state to log expression; the features are a fixed random
-    projection of the same state plus noise, so a good model can predict counts from features.
+    projection of the same state plus noise, so a good model can predict counts from features. ``offset``
+    shifts the spot coordinates (µm) away from the origin.
     """
     rng = np.random.default_rng(seed)
     rows, cols = np.meshgrid(np.arange(n_side), np.arange(n_side), indexing="ij")
-    xy = np.column_stack([cols.ravel() * 100.0, rows.ravel() * 100.0])
+    xy = np.column_stack([cols.ravel() * 100.0 + offset, rows.ravel() * 100.0 + offset])
     state = np.column_stack([np.sin(xy[:, 0] / 300 + seed), np.cos(xy[:, 1] / 250 - seed), rng.normal(size=len(xy))])
     counts = rng.poisson(np.exp(state @ w + 1.0)).astype(np.float32)
     proj = np.random.default_rng(99).normal(size=(3, dim))
@@ -36,7 +40,31 @@ def feature_slide(name: str, n_side: int, seed: int, w: np.ndarray, *, genes: Se
     return a
 
 
+def feature_sdata(n_samples: int, dim: int, *, seed: int = 0) -> Any:
+    """:func:`hyperst.datasets.synthetic` (6 × 6 spots, 12 genes) with tissue-driven features in its table.
+
+    The features are a random embedding of each spot's tissue type plus noise (spot = niche features), so
+    they predict the tissue programs without running an image backbone.
+    """
+    import hyperst as hst
+
+    sdata = hst.datasets.synthetic(n_samples=n_samples, n_rows=6, n_cols=6, n_genes=12, seed=seed)
+    t = sdata.tables["table"]
+    rng = np.random.default_rng(seed)
+    onehot = pd.get_dummies(t.obs[Key.OBS_TISSUE]).to_numpy(np.float32)
+    feats = onehot @ rng.normal(size=(onehot.shape[1], dim)) + 0.1 * rng.normal(size=(t.n_obs, dim))
+    t.obsm[Key.OBSM_FEATURES_SPOT] = feats.astype(np.float32)
+    t.obsm[Key.OBSM_FEATURES_NICHE] = feats.astype(np.float32)
+    return sdata
+
+
 @pytest.fixture(scope="session")
 def make_feature_slide() -> Callable[..., ad.AnnData]:
     """:func:`feature_slide`: synthetic slides with image features in ``.obsm`` and Poisson counts."""
     return feature_slide
+
+
+@pytest.fixture(scope="session")
+def make_feature_sdata() -> Callable[..., Any]:
+    """:func:`feature_sdata`: a synthetic SpatialData whose table already has image features."""
+    return feature_sdata

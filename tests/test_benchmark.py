@@ -268,16 +268,9 @@ def test_errors(table: ad.AnnData) -> None:
         hst.tl.benchmark(bare, methods=["mean"], **kw)
 
 
-def test_spatialdata_inputs_and_patient_grouping() -> None:
-    from hyperst._constants import Key
-
-    sdata = hst.datasets.synthetic(n_samples=4, n_rows=6, n_cols=6, n_genes=12, seed=0)
+def test_spatialdata_inputs_and_patient_grouping(make_feature_sdata) -> None:
+    sdata = make_feature_sdata(4, DIM)
     t = sdata.tables["table"]
-    rng = np.random.default_rng(0)
-    onehot = pd.get_dummies(t.obs[Key.OBS_TISSUE]).to_numpy(np.float32)
-    feats = onehot @ rng.normal(size=(onehot.shape[1], DIM)) + 0.1 * rng.normal(size=(t.n_obs, DIM))
-    t.obsm[Key.OBSM_FEATURES_SPOT] = feats.astype(np.float32)
-    t.obsm[Key.OBSM_FEATURES_NICHE] = feats.astype(np.float32)
     t.obs["patient"] = t.obs["sample"].map({"sample0": "A", "sample1": "A", "sample2": "B", "sample3": "C"})
     res = hst.tl.benchmark(sdata, groupby="patient", methods=["ridge", "mean"], seeds=[0],
                            gene_sets={"all": list(t.var_names)}, ks=(5,), progress=False)

@@ -182,14 +182,9 @@ def test_errors(table: ad.AnnData) -> None:
         cross_validate(bare, genes=GENES)
 
 
-def test_spatialdata_input_with_features() -> None:
-    sdata = hst.datasets.synthetic(n_samples=3, n_rows=6, n_cols=6, n_genes=12, seed=0)
+def test_spatialdata_input_with_features(make_feature_sdata) -> None:
+    sdata = make_feature_sdata(3, DIM)
     t = sdata.tables["table"]
-    rng = np.random.default_rng(0)
-    onehot = pd.get_dummies(t.obs[Key.OBS_TISSUE]).to_numpy(np.float32)
-    feats = onehot @ rng.normal(size=(onehot.shape[1], DIM)) + 0.1 * rng.normal(size=(t.n_obs, DIM))
-    t.obsm[Key.OBSM_FEATURES_SPOT] = feats.astype(np.float32)
-    t.obsm[Key.OBSM_FEATURES_NICHE] = feats.astype(np.float32)
     res = cross_validate(sdata, genes=list(t.var_names), ks=(5,), fit_kwargs={**FIT, "max_epochs": 1})
     assert sorted(res["fold"].unique()) == ["sample0", "sample1", "sample2"]
     n = res[(res["scope"] == "pooled") & (res["metric"] == "n_spots")]["value"]

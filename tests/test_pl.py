@@ -26,30 +26,11 @@ N_GENES, DIM, SIDE = 12, 16, 8
 STREAM_KEYS = [Key.OBSM_IMAGE_SPOT, Key.OBSM_IMAGE_NICHE, Key.OBSM_GENE_SPOT, Key.OBSM_GENE_NICHE]
 
 
-def _slide(name: str, seed: int, w: np.ndarray) -> ad.AnnData:
-    """Square grid of spots; a latent tissue state drives features and counts (as in test_tl_features)."""
-    rng = np.random.default_rng(seed)
-    rows, cols = np.meshgrid(np.arange(SIDE), np.arange(SIDE), indexing="ij")
-    xy = np.column_stack([cols.ravel() * 100.0 + 60, rows.ravel() * 100.0 + 60])
-    state = np.column_stack([np.sin(xy[:, 0] / 300 + seed), np.cos(xy[:, 1] / 250 - seed), rng.normal(size=len(xy))])
-    counts = rng.poisson(np.exp(state @ w + 1.0)).astype(np.float32)
-    proj = np.random.default_rng(99).normal(size=(3, DIM))
-    spot = state @ proj + 0.1 * rng.normal(size=(len(xy), DIM))
-    obs = pd.DataFrame(
-        {"sample": name, "array_row": rows.ravel(), "array_col": cols.ravel()},
-        index=[f"{name}_{i}" for i in range(len(xy))],
-    )
-    a = ad.AnnData(counts, obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(N_GENES)]))
-    a.obsm["spatial"] = xy
-    a.obsm[Key.OBSM_FEATURES_SPOT] = spot.astype(np.float32)
-    a.obsm[Key.OBSM_FEATURES_NICHE] = (spot + 0.2 * rng.normal(size=spot.shape)).astype(np.float32)
-    return a
-
-
 @pytest.fixture(scope="module")
-def trained() -> dict:
+def trained(make_feature_slide) -> dict:
     w = np.random.default_rng(0).normal(size=(3, N_GENES)) * 0.8
-    slides = [_slide(f"s{i}", i, w) for i in range(3)]
+    genes = [f"G{i}" for i in range(N_GENES)]
+    slides = [make_feature_slide(f"s{i}", SIDE, seed=i, w=w, genes=genes, dim=DIM, offset=60.0) for i in range(3)]
     train = [s.copy() for s in slides[:2]]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: intra-op threads only contend on a busy CPU (30 s vs 0.3 s)

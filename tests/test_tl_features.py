@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -15,32 +14,11 @@ N_GENES, DIM = 24, 32
 SMALL = {"emb_dim": 32, "dropout": 0.0}
 
 
-def _slide(name: str, n_side: int, seed: int, w: np.ndarray) -> ad.AnnData:
-    """Square grid of spots; latent tissue state drives both features and counts."""
-    rng = np.random.default_rng(seed)
-    rows, cols = np.meshgrid(np.arange(n_side), np.arange(n_side), indexing="ij")
-    xy = np.column_stack([cols.ravel() * 100.0, rows.ravel() * 100.0])
-    state = np.column_stack([np.sin(xy[:, 0] / 300 + seed), np.cos(xy[:, 1] / 250 - seed), rng.normal(size=len(xy))])
-    rates = np.exp(state @ w + 1.0)
-    counts = rng.poisson(rates).astype(np.float32)
-    proj = np.random.default_rng(99).normal(size=(3, DIM))
-    spot_feat = state @ proj + 0.1 * rng.normal(size=(len(xy), DIM))
-    niche_feat = spot_feat + 0.2 * rng.normal(size=(len(xy), DIM))
-    obs = pd.DataFrame(
-        {"sample": name, "array_row": rows.ravel(), "array_col": cols.ravel()},
-        index=[f"{name}_{i}" for i in range(len(xy))],
-    )
-    a = ad.AnnData(counts, obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(N_GENES)]))
-    a.obsm["spatial"] = xy
-    a.obsm[Key.OBSM_FEATURES_SPOT] = spot_feat.astype(np.float32)
-    a.obsm[Key.OBSM_FEATURES_NICHE] = niche_feat.astype(np.float32)
-    return a
-
-
 @pytest.fixture(scope="module")
-def slides() -> list[ad.AnnData]:
+def slides(make_feature_slide) -> list[ad.AnnData]:
     w = np.random.default_rng(0).normal(size=(3, N_GENES)) * 0.8
-    return [_slide(f"s{i}", 14, seed=i, w=w) for i in range(4)]
+    genes = [f"G{i}" for i in range(N_GENES)]
+    return [make_feature_slide(f"s{i}", 14, seed=i, w=w, genes=genes, dim=DIM) for i in range(4)]
 
 
 def _fit(train: list[ad.AnnData], **kw) -> hst.tl.HyperST:
