@@ -21,6 +21,7 @@ import pandas as pd
 
 from hyperst._constants import Key
 from hyperst._logging import logger
+from hyperst.tl._model import _jsonable
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -178,10 +179,11 @@ def _release_memory() -> None:
 
 
 def _standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
-    mu = train.mean(0)
-    sd = train.std(0)
-    sd[sd < 1e-8] = 1.0
-    return [(x - mu) / sd for x in (train, *others)]
+    """``train`` and ``others`` scaled with a :class:`~sklearn.preprocessing.StandardScaler` fitted on ``train``."""
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(train)
+    return [scaler.transform(x) for x in (train, *others)]
 
 
 def _mse(a: np.ndarray, b: np.ndarray) -> float:
@@ -396,20 +398,9 @@ def _run_job(job: _Job, shared: _Shared) -> tuple[list[dict], list[dict], dict]:
             rows.append({"gene_set": job.gene_set, "method": method.name, "fold": job.fold, "seed": job.seed,
                          "scope": str(scope), "metric": str(metric), "value": float(value)})
         timings.append({"gene_set": job.gene_set, "method": method.name, "fold": job.fold, "seed": job.seed,
-                        "fit_s": fit_seconds, "predict_s": predict_seconds,
-                        "total_s": time.perf_counter() - t0 if method.kind != "retrieval" else fit_seconds})
-        record["methods"][method.name] = _plain(info)
+                        "fit_s": fit_seconds, "predict_s": predict_seconds, "total_s": fit_seconds + predict_seconds})
+        record["methods"][method.name] = _jsonable(info)
     return rows, timings, record
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 # ---------------------------------------------------------------------------------------------- API
@@ -654,7 +645,7 @@ def benchmark(
         "seeds": seeds,
         "normalize": normalize,
         "ks": ks,
-        "fit_kwargs": _plain({k: v for k, v in opts.items()}),
+        "fit_kwargs": _jsonable(opts),
         "n_jobs": n_jobs,
         "wall_seconds": time.perf_counter() - t_start,
         "jobs": [res[2] for res in results],
@@ -674,7 +665,8 @@ class BenchmarkResult:
         slide, ``"mean_over_slides"`` when a fold holds out several), ``metric`` (``PCC@K``, ``MSE``, ``MAE``,
         ``n_spots``) and ``value``.
     timings
-        One row per gene set, method, fold and seed: ``fit_s``, ``predict_s`` and ``total_s`` seconds.
+        One row per gene set, method, fold and seed: ``fit_s``, ``predict_s`` and their sum ``total_s`` (seconds;
+        scoring excluded).
     meta
         Settings (methods, folds, gene sets, seeds, fit options), total wall time, and one record per job
         (validation groups, spot counts, genes, and what each method chose: epochs, α, k).
@@ -912,7 +904,7 @@ class BenchmarkResult:
         path.mkdir(parents=True, exist_ok=True)
         self.scores.to_csv(path / "scores.csv", index=False)
         self.timings.to_csv(path / "timings.csv", index=False)
-        (path / "meta.json").write_text(json.dumps(_plain(self.meta), indent=1) + os.linesep)
+        (path / "meta.json").write_text(json.dumps(_jsonable(self.meta), indent=1) + os.linesep)
         return path
 
     @classmethod
