@@ -58,6 +58,17 @@ def feature_sdata(n_samples: int, dim: int, *, seed: int = 0) -> Any:
     return sdata
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op torch thread avoids OpenMP oversubscription on shared CPUs (10x faster)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def make_feature_slide() -> Callable[..., ad.AnnData]:
     """:func:`feature_slide`: synthetic slides with image features in ``.obsm`` and Poisson counts."""

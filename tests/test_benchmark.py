@@ -6,7 +6,6 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from scipy import stats
 
 import hyperst as hst
@@ -24,12 +23,7 @@ GENES = [f"G{i}" for i in range(N_GENES)]
 FIT = {"config": {"emb_dim": 16, "dropout": 0.0}, "max_epochs": 40, "batch_size": 32, "lr": 5e-3, "patience": 5}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

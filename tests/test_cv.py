@@ -6,7 +6,6 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 import hyperst as hst
 import hyperst.tl._fit as fit_module
@@ -18,13 +17,7 @@ FIT = {"config": {"emb_dim": 16, "dropout": 0.0}, "max_epochs": 3, "batch_size":
 GENES = [f"G{i}" for i in range(N_GENES)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP oversubscription on shared CPUs (10x faster)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
