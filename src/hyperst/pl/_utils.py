@@ -137,6 +137,15 @@ def _dense(x: Any) -> np.ndarray:
     return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
 
 
+def _values(adata: AnnData, genes: list[str], layer: str | None, what: str) -> np.ndarray:
+    """Dense ``(n_obs, len(genes))`` values of ``genes`` from ``.X`` or ``layer``; NaN/inf raise naming ``what``."""
+    sub = adata[:, genes]
+    x = _dense(sub.X if layer is None else sub.layers[layer])
+    if not np.isfinite(x).all():
+        raise ValueError(f"The {what} contains NaN or infinite values.")
+    return x
+
+
 def prediction(adata_pred: AnnData, genes: list[str], layer: str | None) -> tuple[np.ndarray, str | None]:
     """Predicted expression of ``genes`` (n, g) and the layer it came from (``None`` = ``.X``).
 
@@ -147,11 +156,7 @@ def prediction(adata_pred: AnnData, genes: list[str], layer: str | None) -> tupl
         layer = Key.LAYER_PRED if Key.LAYER_PRED in adata_pred.layers else None
     if layer is not None and layer not in adata_pred.layers:
         raise ValueError(f"`layer={layer!r}` is not a layer of `adata_pred`; layers: {sorted(adata_pred.layers)}.")
-    sub = adata_pred[:, genes]
-    x = _dense(sub.X if layer is None else sub.layers[layer])
-    if not np.isfinite(x).all():
-        raise ValueError("The prediction contains NaN or infinite values.")
-    return x, layer
+    return _values(adata_pred, genes, layer, "prediction"), layer
 
 
 def observed(
@@ -179,10 +184,7 @@ def observed(
         check_genes(genes, source.var_names, "truth")
         if layer is not None and layer not in source.layers:
             raise ValueError(f"`truth_layer={layer!r}` is not a layer of `truth`; layers: {sorted(source.layers)}.")
-    sub = source[:, genes]
-    x = _dense(sub.X if layer is None else sub.layers[layer])
-    if not np.isfinite(x).all():
-        raise ValueError("The measured expression contains NaN or infinite values.")
+    x = _values(source, genes, layer, "measured expression")
     if truth_transform == "log2p1":
         if (x < 0).any():
             raise ValueError(
