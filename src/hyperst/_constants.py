@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["Key"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Key"]
+
+#: ImageNet channel mean (RGB, 0–1 scale): the input normalisation of ImageNet-trained backbones.
+IMAGENET_MEAN: Final[tuple[float, float, float]] = (0.485, 0.456, 0.406)
+#: ImageNet channel standard deviation (RGB, 0–1 scale).
+IMAGENET_STD: Final[tuple[float, float, float]] = (0.229, 0.224, 0.225)
 
 
 class Key:

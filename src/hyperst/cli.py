@@ -259,9 +259,9 @@ def _benchmark_data(args: argparse.Namespace) -> Any:
                 raise SystemExit(f"A SpatialData has tables {keys}: pass --table-key.")
             item = item.tables[args.table_key or keys[0]]
         tables.append(item)
-    from hyperst.tl._cv import _combined_table
+    from hyperst.tl._utils import combined_table
 
-    table = _combined_table(tables, None, args.groupby)  # shared genes, unique spot names
+    table = combined_table(tables, None, args.groupby)  # shared genes, unique spot names
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         table.write_h5ad(cache)

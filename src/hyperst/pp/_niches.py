@@ -25,7 +25,7 @@ from hyperst._constants import Key
 from hyperst._logging import logger
 from hyperst.pp._genes import _check_counts, _counts, _layer_name, _libraries, _uns_block, _validate_gene_list
 
-__all__ = ["niches"]
+__all__ = ["aggregate_niches", "niche_targets", "niches"]
 
 _LAYOUTS = ("auto", "visium", "st", "radius", "knn")
 _INCOMPLETE = ("keep", "drop", "mark")
@@ -412,3 +412,46 @@ def _graph(
     r = pitch * _RADIUS_FACTOR[layout]
     rows, cols = _radius_pairs(xy, r)
     return rows, cols, {"source": "spatial", "pitch": pitch, "radius": float(r)}
+
+
+def aggregate_niches(counts: np.ndarray | sparse.spmatrix, connectivities: sparse.spmatrix | np.ndarray) -> np.ndarray:
+    """Niche expression: log2(1 + mean raw counts over each spot and its neighbours).
+
+    Parameters
+    ----------
+    counts
+        Raw counts ``(n_spots, n_genes)``, dense or sparse.
+    connectivities
+        Any ``(n_spots, n_spots)`` neighbour graph (e.g. ``.obsp["hyperst_niche_connectivities"]`` from
+        :func:`niches`, or squidpy's ``.obsp["spatial_connectivities"]``): every non-zero entry makes a
+        neighbour, whatever its weight; the spot itself is always a member.
+
+    Returns
+    -------
+    ``(n_spots, n_genes)`` float32.
+    """
+    conn = sparse.csr_matrix(connectivities)
+    n = counts.shape[0]
+    if conn.shape != (n, n):
+        raise ValueError(f"`connectivities` has shape {conn.shape}; expected ({n}, {n}) for {n} spots.")
+    member = (conn != 0).astype(np.float64) + sparse.identity(n, format="csr")
+    size = np.asarray(member.sum(axis=1)).ravel()
+    total = member @ counts
+    total = total.toarray() if sparse.issparse(total) else np.asarray(total)
+    return np.log2(1.0 + total / size[:, None]).astype(np.float32)
+
+
+def niche_targets(
+    adata: AnnData, genes: Sequence[str], *, layer: str | None = None, library_key: str | None = None
+) -> np.ndarray:
+    """log2(1 + mean raw counts over each niche) of ``genes``, always from the current counts.
+
+    The niche graph in ``.obsp["hyperst_niche_connectivities"]`` (from :func:`niches`, with the user's
+    layout options) is used when present; otherwise :func:`niches` builds it (per ``library_key``) and
+    writes its documented keys.
+    """
+    if Key.OBSP_NICHE_CONNECTIVITIES not in adata.obsp:
+        niches(adata, genes=list(genes), layer=layer, library_key=library_key)
+    counts = _counts(adata, layer, pd.Index(genes))
+    _check_counts(counts, "counts")
+    return aggregate_niches(counts, adata.obsp[Key.OBSP_NICHE_CONNECTIVITIES])

@@ -21,7 +21,7 @@ import pandas as pd
 
 from hyperst._constants import Key
 from hyperst._logging import logger
-from hyperst.tl._model import _jsonable
+from hyperst._utils import jsonable
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -306,8 +306,8 @@ def _run_job(job: _Job, shared: _Shared) -> tuple[list[dict], list[dict], dict]:
     """Fit and score every method on one (gene set, fold, seed)."""
     import hyperst.tl._fit as fit_module
     from hyperst.pp._genes import targets
+    from hyperst.pp._niches import niche_targets
     from hyperst.tl._evaluate import evaluate
-    from hyperst.tl._fit import _niche_targets
 
     table = shared.table
     labels = table.obs[shared.groupby].astype(str).to_numpy()
@@ -379,7 +379,8 @@ def _run_job(job: _Job, shared: _Shared) -> tuple[list[dict], list[dict], dict]:
             t1 = time.perf_counter()
             yn = ytr
             if model.config.has_niche:  # niche expression of the fitting spots (the model's gene-niche input)
-                yn = _niche_targets(table[fitm].copy(), genes, shared.layer, shared.sample_key)
+                yn = niche_targets(table[fitm].copy(), genes, layer=shared.layer,
+                                   library_key=shared.sample_key if shared.sample_key in table.obs.columns else None)
             nsl = None if xn_all is None else xn_all
             pred, info = _retrieval(
                 model, xs_all[fitm], None if nsl is None else nsl[fitm], ytr, yn,
@@ -399,7 +400,7 @@ def _run_job(job: _Job, shared: _Shared) -> tuple[list[dict], list[dict], dict]:
                          "scope": str(scope), "metric": str(metric), "value": float(value)})
         timings.append({"gene_set": job.gene_set, "method": method.name, "fold": job.fold, "seed": job.seed,
                         "fit_s": fit_seconds, "predict_s": predict_seconds, "total_s": fit_seconds + predict_seconds})
-        record["methods"][method.name] = _jsonable(info)
+        record["methods"][method.name] = jsonable(info)
     return rows, timings, record
 
 
@@ -510,7 +511,7 @@ def benchmark(
     >>> res.compare(reference="hyperst")  # paired over folds  # doctest: +SKIP
     """
     from hyperst.pp._genes import select_genes
-    from hyperst.tl._cv import FOLD_SEP, _combined_table, _folds
+    from hyperst.tl._utils import FOLD_SEP, combined_table, group_folds
 
     names = list(BENCHMARK_METHODS) if methods is None else [str(m) for m in methods]
     unknown = [m for m in names if m not in BENCHMARK_METHODS]
@@ -536,7 +537,7 @@ def benchmark(
             raise ValueError(f"`fit_kwargs` sets {k!r}: pass it to `benchmark` directly.")
     opts.update(sample_key=sample_key, layer=layer, spot_key=spot_key, niche_key=niche_key)
 
-    table = _combined_table(data, table_key, groupby)
+    table = combined_table(data, table_key, groupby)
     if groupby not in table.obs.columns:
         raise ValueError(
             f"The table has no `.obs[{groupby!r}]` column; columns: {list(table.obs.columns)}. "
@@ -556,7 +557,7 @@ def benchmark(
             raise ValueError(f"`.obsm[{arr_key!r}]` contains NaN or infinite values.")
     labels = table.obs[groupby].astype(str).to_numpy()
     all_groups = [str(g) for g in pd.unique(labels)]
-    fold_list = _folds(labels, folds, groupby)
+    fold_list = group_folds(labels, folds, groupby)
     if len(all_groups) < 3:
         raise ValueError(
             f"`.obs[{groupby!r}]` has {len(all_groups)} groups; the benchmark needs at least three (one held out, "
@@ -645,7 +646,7 @@ def benchmark(
         "seeds": seeds,
         "normalize": normalize,
         "ks": ks,
-        "fit_kwargs": _jsonable(opts),
+        "fit_kwargs": jsonable(opts),
         "n_jobs": n_jobs,
         "wall_seconds": time.perf_counter() - t_start,
         "jobs": [res[2] for res in results],
@@ -904,7 +905,7 @@ class BenchmarkResult:
         path.mkdir(parents=True, exist_ok=True)
         self.scores.to_csv(path / "scores.csv", index=False)
         self.timings.to_csv(path / "timings.csv", index=False)
-        (path / "meta.json").write_text(json.dumps(_jsonable(self.meta), indent=1) + os.linesep)
+        (path / "meta.json").write_text(json.dumps(jsonable(self.meta), indent=1) + os.linesep)
         return path
 
     @classmethod

@@ -11,6 +11,7 @@ import pandas as pd
 
 from hyperst._constants import Key
 from hyperst._logging import logger
+from hyperst.tl._utils import FOLD_SEP, combined_table, group_folds
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -22,61 +23,6 @@ __all__ = ["cross_validate"]
 _RESERVED = ("genes", "seed", "table_key")
 #: metric rows with the wall time of each fold and seed (fit + predict + evaluate, gene selection excluded).
 SECONDS = "seconds"
-#: separator of several held-out groups in the ``fold`` column.
-FOLD_SEP = "+"
-
-
-def _combined_table(data: Any, table_key: str | None, groupby: str) -> AnnData:
-    """One AnnData over all spots of ``data``; the input objects are never modified."""
-    import anndata as ad
-
-    from hyperst.tl._fit import _tables
-
-    tables = _tables(data, table_key)
-    if len(tables) == 1:
-        return tables[0]
-    missing = [i for i, t in enumerate(tables) if groupby not in t.obs.columns]
-    if missing:
-        raise ValueError(
-            f"Tables {missing} of `data` have no `.obs[{groupby!r}]` column: label every table's spots with "
-            f"their group (e.g. `adata.obs[{groupby!r}] = 'slide1'`) or pass another `groupby`."
-        )
-    names = pd.Index(np.concatenate([np.asarray(t.obs_names) for t in tables]))
-    kwargs: dict[str, Any] = {}
-    if not names.is_unique:
-        # prefix by position so that spots of different tables never share a name
-        kwargs = {"keys": [str(i) for i in range(len(tables))], "index_unique": "-"}
-    combined = ad.concat(tables, join="inner", merge="same", uns_merge="unique", pairwise=True, **kwargs)
-    if combined.n_vars == 0:
-        raise ValueError("The tables of `data` share no genes.")
-    return combined
-
-
-def _folds(labels: np.ndarray, folds: Sequence[Sequence[str] | str] | None, groupby: str) -> list[list[str]]:
-    groups = [str(g) for g in pd.unique(labels)]
-    if len(groups) < 2:
-        raise ValueError(
-            f"`.obs[{groupby!r}]` has {len(groups)} group(s); cross-validation needs at least two "
-            "(pass another `groupby`, e.g. 'sample' or 'patient')."
-        )
-    if folds is None:
-        return [[g] for g in groups]
-    if isinstance(folds, str):
-        raise TypeError("`folds` must be a sequence of folds (each a group name or a list of group names).")
-    out = []
-    for i, fold in enumerate(folds):
-        held = [fold] if isinstance(fold, str) else [str(g) for g in fold]
-        if not held:
-            raise ValueError(f"Fold {i} of `folds` is empty.")
-        unknown = sorted(set(held) - set(groups))
-        if unknown:
-            raise ValueError(f"Fold {i} of `folds` names unknown groups {unknown}; `.obs[{groupby!r}]` has {groups}.")
-        if set(held) == set(groups):
-            raise ValueError(f"Fold {i} of `folds` holds out every group: nothing is left to train on.")
-        out.append(list(dict.fromkeys(held)))
-    if not out:
-        raise ValueError("`folds` is empty.")
-    return out
 
 
 def cross_validate(
@@ -182,7 +128,7 @@ def cross_validate(
     normalize = bool(fit_opts.get("normalize", False))
     predict_opts = {k: fit_opts[k] for k in ("spot_key", "niche_key") if k in fit_opts}
 
-    table = _combined_table(data, table_key, groupby)
+    table = combined_table(data, table_key, groupby)
     if groupby not in table.obs.columns:
         raise ValueError(
             f"The table has no `.obs[{groupby!r}]` column; columns: {list(table.obs.columns)}. "
@@ -196,7 +142,7 @@ def cross_validate(
             "folds is fine)."
         )
     labels = table.obs[groupby].astype(str).to_numpy()
-    fold_list = _folds(labels, folds, groupby)
+    fold_list = group_folds(labels, folds, groupby)
     if genes is not None:
         genes = [str(g) for g in genes]
         missing = [g for g in genes if g not in table.var_names]

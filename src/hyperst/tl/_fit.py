@@ -11,10 +11,12 @@ import pandas as pd
 
 from hyperst._constants import Key
 from hyperst._logging import logger
+from hyperst._utils import jsonable, resolve_device
 from hyperst.nn import HyperSTConfig
 from hyperst.pp._crops import CropGeometry
 from hyperst.tl._lora import LoraSpec
-from hyperst.tl._model import HyperST, _jsonable, resolve_device
+from hyperst.tl._model import HyperST
+from hyperst.tl._utils import tables
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -28,34 +30,6 @@ Validation = Literal["auto", "slide", "spatial"] | Sequence[str] | np.ndarray | 
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def _tables(data: Any, table_key: str | None) -> list[AnnData]:
-    """The AnnData tables behind ``data`` (AnnData, SpatialData, or a list of either)."""
-    from anndata import AnnData
-
-    items = list(data) if isinstance(data, list | tuple) else [data]
-    if not items:
-        raise ValueError("`data` is empty: pass an AnnData, a SpatialData, or a list of them.")
-    tables = []
-    for item in items:
-        if isinstance(item, AnnData):
-            tables.append(item)
-            continue
-        if hasattr(item, "tables"):
-            keys = list(item.tables.keys())
-            key = table_key
-            if key is None:  # outputs of hst.tl.predict are not training tables
-                inputs = [k for k in keys if Key.UNS_PREDICT not in item.tables[k].uns.get(Key.UNS, {})]
-                if len(inputs) != 1:
-                    raise ValueError(f"A SpatialData in `data` has tables {sorted(keys)}: pass `table_key`.")
-                key = inputs[0]
-            if key not in item.tables:
-                raise ValueError(f"`table_key={key!r}` is not a table of the SpatialData; tables: {sorted(keys)}.")
-            tables.append(item.tables[key])
-            continue
-        raise TypeError(f"`data` must hold AnnData or SpatialData objects, got {type(item).__name__}.")
-    return tables
-
-
 def _features(adata: AnnData, key: str, what: str) -> np.ndarray:
     if key not in adata.obsm:
         raise ValueError(
@@ -76,29 +50,6 @@ def _samples(adatas: list[AnnData], sample_key: str) -> np.ndarray:
         else:
             labels.append(np.full(a.n_obs, f"table{i}" if len(adatas) > 1 else "sample0"))
     return np.concatenate(labels)
-
-
-def _niche_targets(adata: AnnData, genes: list[str], layer: str | None, sample_key: str) -> np.ndarray:
-    """log2(1 + mean raw counts over each niche) of ``genes``, always from the current counts.
-
-    The niche graph in ``.obsp`` (from :func:`hyperst.pp.niches`, with the user's layout options) is
-    used when present; otherwise :func:`hyperst.pp.niches` builds it and writes its documented keys.
-    """
-    import scipy.sparse as sp
-
-    from hyperst.pp._genes import _check_counts, _counts
-    from hyperst.pp._niches import niches
-
-    if Key.OBSP_NICHE_CONNECTIVITIES not in adata.obsp:
-        niches(adata, genes=genes, layer=layer, library_key=sample_key if sample_key in adata.obs.columns else None)
-    conn = sp.csr_matrix(adata.obsp[Key.OBSP_NICHE_CONNECTIVITIES])
-    member = (conn != 0).astype(np.float64) + sp.identity(adata.n_obs, format="csr")
-    counts = _counts(adata, layer, pd.Index(genes))
-    _check_counts(counts, "counts")
-    total = member @ counts
-    total = total.toarray() if sp.issparse(total) else np.asarray(total)
-    size = np.asarray(member.sum(axis=1)).ravel()
-    return np.log2(1.0 + total / size[:, None]).astype(np.float32)
 
 
 def _provenance(adatas: list[AnnData]) -> tuple[dict | None, dict | None, dict]:
@@ -325,6 +276,7 @@ def fit(
     import torch
 
     from hyperst.pp._genes import select_genes, targets
+    from hyperst.pp._niches import niche_targets
     from hyperst.tl._train import FeatureData, _TensorDataset, train
 
     if mode not in ("frozen", "lora"):
@@ -337,7 +289,7 @@ def fit(
         _ensure_features(items, table_key, spot_key, niche_key, backbone=backbone, weights=weights,
                          random_init=random_init, geometry=geometry, cache_dir=cache_dir, device=device,
                          progress=progress)
-        parts = [_Part(a, np.arange(a.n_obs), a) for a in _tables(items, table_key)]
+        parts = [_Part(a, np.arange(a.n_obs), a) for a in tables(items, table_key)]
         crop_arrays, geom = None, None
     if min_tissue is not None:
         parts, crop_arrays = _tissue_filter(parts, crop_arrays, min_tissue)
@@ -375,7 +327,8 @@ def fit(
     cfg = HyperSTConfig.from_preset(preset, n_genes=len(genes), image_dim=image_dim, **(config or {}))
     yn = None
     if cfg.uses_alignment and cfg.has_niche:
-        yn = np.concatenate([_niche_targets(a, genes, layer, sample_key) for a in adatas])
+        lib = sample_key if sample_key in adatas[0].obs.columns else None
+        yn = np.concatenate([niche_targets(a, genes, layer=layer, library_key=lib) for a in adatas])
 
     samples = _samples(adatas, sample_key)
     train_mask, val_mask, split = _split(adatas, samples, validation, val_fraction, seed)
@@ -474,7 +427,7 @@ def fit(
             niche=np.concatenate([_features(a, niche_key, "niche") for a in whole]) if cfg.has_niche else None,
             targets=np.concatenate([targets(a, genes, layer=layer, normalize=normalize) for a in whole]),
             niche_targets=None if yn is None else np.concatenate(
-                [_niche_targets(a, genes, layer, sample_key) for a in whole]),
+                [niche_targets(a, genes, layer=layer, library_key=lib) for a in whole]),
         )
     _write_embeddings(model, parts, arrays, obsm_keys)
     return model
@@ -500,7 +453,7 @@ def _ensure_features(
     for item in items:
         if isinstance(item, AnnData) or not hasattr(item, "tables"):
             continue
-        (table,) = _tables([item], table_key)
+        (table,) = tables([item], table_key)
         if spot_key in table.obsm and niche_key in table.obsm:
             continue
         if (spot_key, niche_key) != (Key.OBSM_FEATURES_SPOT, Key.OBSM_FEATURES_NICHE):
@@ -612,7 +565,7 @@ def _write_embeddings(model: HyperST, parts: list[_Part], data: FeatureData, key
             for k, v in out.embeddings.items():
                 embs.setdefault(k, []).append(v.float().cpu().numpy())
     merged = {k: np.concatenate(v) for k, v in embs.items()}
-    record = _jsonable(
+    record = jsonable(
         {"params": model.training, "genes": model.genes, "config": model.config.to_dict(),
          "curvature": float(model.network.curvature.detach().cpu()), "key_added": keys["image_spot"],
          "obsm_keys": {k: keys[k] for k in merged}},
@@ -795,7 +748,7 @@ def _predict_table(
     if "image_niche" in embs:
         out.obsm[Key.OBSM_IMAGE_NICHE] = embs["image_niche"]
     out.obs[Key.OBS_CONFIDENCE] = model.confidence(embs["image_spot"])
-    out.uns[Key.UNS] = {Key.UNS_PREDICT: _jsonable({
+    out.uns[Key.UNS] = {Key.UNS_PREDICT: jsonable({
         "genes": model.genes, "layer": Key.LAYER_PRED if to_layer else "X", "backbone": model.backbone,
         "crop_geometry": model.crop_geometry, "curvature": float(model.network.curvature.detach().cpu()),
     }, drop_none=True)}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 
 from hyperst._logging import logger
+from hyperst._utils import jsonable
 from hyperst._version import __version__
 from hyperst.nn import HyperSTConfig, HyperSTNetwork, ImageHyperST
 from hyperst.tl._lora import LoraSpec
@@ -89,9 +89,9 @@ class HyperST:
         self.config = config
         self.genes = genes
         # records read back from .h5ad hold numpy arrays and scalars: keep plain Python (JSON-compatible)
-        self.backbone = _jsonable(dict(backbone)) if backbone is not None else None
-        self.crop_geometry = _jsonable(dict(crop_geometry)) if crop_geometry is not None else None
-        self.preprocessing = _jsonable(dict(preprocessing or {"targets": "log2p1", "normalize": False}))
+        self.backbone = jsonable(dict(backbone)) if backbone is not None else None
+        self.crop_geometry = jsonable(dict(crop_geometry)) if crop_geometry is not None else None
+        self.preprocessing = jsonable(dict(preprocessing or {"targets": "log2p1", "normalize": False}))
         if image_model is not None:
             if network is not None and network is not image_model.network:
                 raise ValueError("`network` must be `image_model.network` when both are given.")
@@ -218,11 +218,11 @@ class HyperST:
             "hyperst_version": __version__,
             "config": self.config.to_dict(),
             "genes": self.genes,
-            "backbone": _jsonable(self.backbone),
-            "crop_geometry": _jsonable(self.crop_geometry),
-            "preprocessing": _jsonable(self.preprocessing),
-            "training": _jsonable(self.training),
-            "history": _jsonable(self.history),
+            "backbone": jsonable(self.backbone),
+            "crop_geometry": jsonable(self.crop_geometry),
+            "preprocessing": jsonable(self.preprocessing),
+            "training": jsonable(self.training),
+            "history": jsonable(self.history),
             "lora": None if self.lora is None else self.lora.to_dict(),
         }
 
@@ -326,26 +326,3 @@ def _load_lora_backbone(
     image_model.network = network
     return image_model, lora
 
-
-def _jsonable(value: Any, *, drop_none: bool = False) -> Any:
-    """Convert numpy/torch scalars and arrays (recursively) to plain Python for JSON.
-
-    With ``drop_none``, mapping entries whose value is ``None`` are left out (h5ad cannot store None).
-    """
-    if isinstance(value, Mapping):
-        return {
-            str(k): _jsonable(v, drop_none=drop_none)
-            for k, v in value.items()
-            if not (drop_none and v is None)
-        }
-    if isinstance(value, list | tuple):
-        return [_jsonable(v, drop_none=drop_none) for v in value]
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

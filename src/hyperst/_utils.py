@@ -1,0 +1,110 @@
+"""Helpers shared across hyperst's sub-packages (numpy-level; torch is imported only where needed).
+
+What two modules share lives here (or in the ``_utils`` module of their sub-package), so that no module
+imports a private name of another one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+__all__ = ["jsonable", "pearson_per_gene", "resolve_device", "spot_pitch"]
+
+
+def jsonable(value: Any, *, drop_none: bool = False) -> Any:
+    """Convert numpy/torch scalars and arrays (recursively) to plain Python for JSON.
+
+    Non-finite floats become ``None``. With ``drop_none``, mapping entries whose value is ``None`` are
+    left out (h5ad cannot store None).
+    """
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v, drop_none=drop_none) for k, v in value.items() if not (drop_none and v is None)}
+    if isinstance(value, list | tuple):
+        return [jsonable(v, drop_none=drop_none) for v in value]
+    if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; anything else is passed to :class:`torch.device`.
+
+    Raises
+    ------
+    ValueError
+        For ``"cuda"`` on a machine without CUDA, or a string torch does not know as a device.
+    """
+    import torch
+
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"`device={device!r}` is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"`device={device!r}` but CUDA is not available on this machine; use 'cpu' or 'auto'.")
+    return dev
+
+
+def spot_pitch(xy: np.ndarray) -> float:
+    """Lattice pitch of spot centres: median over spots of the median distance to their 4 nearest spots.
+
+    On hexagonal and square lattices the 4 nearest spots of an interior spot are first-ring neighbours,
+    so this is robust to positional jitter (which biases the plain nearest-neighbour distance low) and to
+    border spots (3 of their 4 nearest are still first-ring). ``nan`` with fewer than two spots.
+    """
+    from scipy.spatial import cKDTree
+
+    xy = np.asarray(xy, dtype=np.float64)
+    if len(xy) < 2:
+        return float("nan")
+    k = min(4, len(xy) - 1)
+    d, _ = cKDTree(xy).query(xy, k=k + 1)
+    return float(np.median(np.median(np.asarray(d).reshape(len(xy), k + 1)[:, 1:], axis=1)))
+
+
+def pearson_per_gene(truth: np.ndarray, prediction: np.ndarray) -> np.ndarray:
+    """Pearson correlation of every column of ``truth`` with the same column of ``prediction``.
+
+    Genes with zero variance on either side get ``r = 0`` (the reference replaces NaN by 0); "zero"
+    allows for rounding, since a tiled mean is not bit-exactly constant.
+
+    Parameters
+    ----------
+    truth, prediction
+        ``(n_spots, n_genes)`` arrays.
+
+    Returns
+    -------
+    ``(n_genes,)`` float64 array in [-1, 1].
+    """
+    t = np.asarray(truth, dtype=np.float64)
+    p = np.asarray(prediction, dtype=np.float64)
+    if t.shape != p.shape or t.ndim != 2:
+        raise ValueError(f"`truth` and `prediction` must be 2-d of the same shape, got {t.shape} and {p.shape}.")
+    tm, pm = t.mean(axis=0), p.mean(axis=0)
+    tc, pc = t - tm, p - pm
+    num = (tc * pc).sum(axis=0)
+    tss, pss = (tc * tc).sum(axis=0), (pc * pc).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = num / np.sqrt(tss * pss)
+    n = max(len(t), 1)
+    constant = (tss <= n * (1e-12 * (1 + np.abs(tm))) ** 2) | (pss <= n * (1e-12 * (1 + np.abs(pm))) ** 2)
+    r[constant | ~np.isfinite(r)] = 0.0
+    return np.clip(r, -1.0, 1.0)

@@ -1,0 +1,53 @@
+"""Torch-side data: datasets over features or crops, augmentation, the crop cache and Lightning data modules.
+
+Imported lazily (spatialdata's ``_LAZY_IMPORTS`` pattern): ``import hyperst.data`` imports neither torch
+nor numba; each name loads its module on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hyperst.data._augment import dihedral, dihedral_inverse
+    from hyperst.data._cache import CropCache
+    from hyperst.data._crops import SpotCropDataset
+    from hyperst.data._features import FeatureData, FeatureDataset
+    from hyperst.data._modules import CropDataModule, DataSplitter, FeatureDataModule
+
+_LAZY_IMPORTS: dict[str, str] = {
+    "dihedral": "hyperst.data._augment",
+    "dihedral_inverse": "hyperst.data._augment",
+    "CropCache": "hyperst.data._cache",
+    "SpotCropDataset": "hyperst.data._crops",
+    "FeatureData": "hyperst.data._features",
+    "FeatureDataset": "hyperst.data._features",
+    "CropDataModule": "hyperst.data._modules",
+    "DataSplitter": "hyperst.data._modules",
+    "FeatureDataModule": "hyperst.data._modules",
+}
+
+__all__ = [
+    "CropCache",
+    "CropDataModule",
+    "DataSplitter",
+    "FeatureData",
+    "FeatureDataModule",
+    "FeatureDataset",
+    "SpotCropDataset",
+    "dihedral",
+    "dihedral_inverse",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_IMPORTS:
+        value = getattr(importlib.import_module(_LAZY_IMPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hyperst.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
