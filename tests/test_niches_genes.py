@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -14,7 +15,7 @@ from scipy import sparse
 from hyperst._constants import Key
 from hyperst._logging import logger
 from hyperst.pp._genes import select_genes, targets
-from hyperst.pp._niches import niches
+from hyperst.pp._niches import aggregate_niches, niche_targets, niches
 
 HER2ST = Path(__file__).parents[1] / ".." / "shared" / "data" / "her2st"
 
@@ -171,6 +172,105 @@ def test_niche_expression_by_hand() -> None:
     assert out is not None
     assert Key.OBSM_NICHE_EXPRESSION not in b.obsm
     np.testing.assert_allclose(out.obsm[Key.OBSM_NICHE_EXPRESSION][:, 0], e[:, 1], atol=1e-6)
+
+
+def test_aggregate_niches_by_hand() -> None:
+    # path 0 - 1 - 2, spot 3 alone; weights (as squidpy's) and a stored self loop do not matter
+    counts = np.array([[2.0, 0.0], [4.0, 3.0], [9.0, 0.0], [5.0, 1.0]], dtype=np.float32)
+    w = sparse.csr_matrix(
+        (
+            [0.5, 0.5, 2.0, 2.0, 7.0, 0.0],
+            ([0, 1, 1, 2, 2, 3], [1, 0, 2, 1, 2, 0]),  # (2, 2) self loop, (3, 0) an explicit zero
+        ),
+        shape=(4, 4),
+    )
+    out = aggregate_niches(counts, w)
+    assert out.dtype == np.float32
+    # niches {0, 1}, {0, 1, 2}, {1, 2}, {3}
+    expected = np.log2(1.0 + np.array([[3.0, 1.5], [5.0, 1.0], [6.5, 1.5], [5.0, 1.0]]))
+    np.testing.assert_allclose(out, expected, rtol=1e-7)
+    np.testing.assert_array_equal(aggregate_niches(sparse.csr_matrix(counts), w), out)
+    np.testing.assert_array_equal(aggregate_niches(counts.astype(np.int64), w.toarray()), out)
+    with pytest.raises(ValueError, match=r"expected \(4, 4\)"):
+        aggregate_niches(counts, sparse.identity(3, format="csr"))
+
+
+def test_niches_over_a_given_graph() -> None:
+    # 3×3 ST grid, gene a = spot index k, gene b = k²; a squidpy-style weighted rook graph (4-neighbours)
+    k = np.arange(9, dtype=np.float64)
+    a = _grid_adata(3)
+    a.X = np.column_stack([k, k**2]).astype(np.float32)
+    row, col = np.divmod(np.arange(9), 3)
+    rook = (np.abs(row[:, None] - row[None]) + np.abs(col[:, None] - col[None])) == 1
+    a.obsp["spatial_connectivities"] = sparse.csr_matrix(rook * 0.25 + np.eye(9))  # weights + set_diag
+    niches(a, connectivity_key="spatial_connectivities")
+    e = a.obsm[Key.OBSM_NICHE_EXPRESSION]
+    # centre 4: {1, 3, 4, 5, 7} -> mean a = 4, mean b = 100/5; corner 0: {0, 1, 3} -> 4/3, 10/3
+    np.testing.assert_allclose(e[4], np.log2(1 + np.array([4.0, 20.0])), rtol=1e-6)
+    np.testing.assert_allclose(e[0], np.log2(1 + np.array([4 / 3, 10 / 3])), rtol=1e-6)
+    # edge 1: {0, 1, 2, 4} -> mean a = 7/4, mean b = 21/4
+    np.testing.assert_allclose(e[1], np.log2(1 + np.array([7 / 4, 21 / 4])), rtol=1e-6)
+    np.testing.assert_array_equal(_degrees(a), [2, 3, 2, 3, 4, 3, 2, 3, 2])
+    np.testing.assert_array_equal(a.obs[Key.OBS_NICHE_SIZE], [3, 4, 3, 4, 5, 4, 3, 4, 3])
+    np.testing.assert_array_equal(a.obs[Key.OBS_NICHE_COMPLETE], np.arange(9) == 4)  # 4 = most neighbours
+    conn = a.obsp[Key.OBSP_NICHE_CONNECTIVITIES]
+    assert conn.dtype == np.float32
+    assert set(conn.data) == {1.0}
+    assert conn.diagonal().sum() == 0
+    np.testing.assert_allclose(a.obsp[Key.OBSP_NICHE_DISTANCES].data, 200.0)
+    rec = a.uns[Key.UNS][Key.UNS_NICHES]
+    assert rec["connectivity_key"] == "spatial_connectivities"
+    assert rec["libraries"]["all"]["layout"] == "precomputed"
+    assert rec["libraries"]["all"]["expected_neighbours"] == 4
+    # the niche targets of tl use the same graph and the same numbers
+    np.testing.assert_array_equal(niche_targets(a, ["b", "a"]), e[:, ::-1])
+
+    # without obsm["spatial"]: same expression, no distances (a stale matrix is removed)
+    del a.obsm["spatial"]
+    niches(a, connectivity_key="spatial_connectivities", genes=["b"])
+    np.testing.assert_array_equal(a.obsm[Key.OBSM_NICHE_EXPRESSION][:, 0], e[:, 1])
+    assert Key.OBSP_NICHE_DISTANCES not in a.obsp
+    assert "distances_key" not in a.uns[Key.UNS][Key.UNS_NICHES]
+
+    with pytest.raises(ValueError, match=r"not in adata\.obsp"):
+        niches(a, connectivity_key="nope")
+    for bad in ({"layout": "st"}, {"radius": 1.0}, {"layout": "knn", "n_neighs": 2}):
+        with pytest.raises(ValueError, match="`connectivity_key` gives the graph"):
+            niches(a, connectivity_key="spatial_connectivities", **bad)
+
+
+def test_niches_given_graph_crossing_samples_warns() -> None:
+    a = _grid_adata(2, array=False)
+    a.obs["sample"] = ["A", "A", "B", "B"]
+    a.obsp["g"] = sparse.csr_matrix(np.ones((4, 4)) - np.eye(4))
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    try:
+        niches(a, connectivity_key="g", library_key="sample")
+    finally:
+        logger.removeHandler(handler)
+    assert any("8 edges between different samples" in m for m in messages)
+    np.testing.assert_array_equal(_degrees(a), 3)
+
+
+def test_niches_from_squidpy_spatial_neighbors() -> None:
+    sq = pytest.importorskip("squidpy")
+    a = _hex_adata()
+    ref = a.copy()
+    niches(ref, layout="visium")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sq.gr.spatial_neighbors(a, coord_type="grid", n_neighs=6)
+    niches(a, connectivity_key="spatial_connectivities")
+    np.testing.assert_array_equal(_degrees(a).reshape(5, 5), HEX_DEGREES)
+    assert (a.obsp[Key.OBSP_NICHE_CONNECTIVITIES] != ref.obsp[Key.OBSP_NICHE_CONNECTIVITIES]).nnz == 0
+    np.testing.assert_array_equal(a.obsm[Key.OBSM_NICHE_EXPRESSION], ref.obsm[Key.OBSM_NICHE_EXPRESSION])
+    np.testing.assert_array_equal(a.obs[Key.OBS_NICHE_COMPLETE], ref.obs[Key.OBS_NICHE_COMPLETE])
+    # the centre spot (index 12): itself and 11, 13, 6, 7, 16, 17; g0 = 3 * index
+    members = [12, 11, 13, 6, 7, 16, 17]
+    np.testing.assert_allclose(a.obsm[Key.OBSM_NICHE_EXPRESSION][12, 0], np.log2(1 + 3 * np.mean(members)), rtol=1e-6)
 
 
 def test_incomplete_drop_keep_mark() -> None:

@@ -8,8 +8,8 @@ rules are those of METHOD §1:
 - drop mitochondrial and ribosomal genes;
 - pool the raw counts of all slides and rank genes by their mean and standard deviation.
 
-The private helpers at the bottom (count access and validation, gene look-up) are shared with
-:mod:`hyperst.pp._niches`.
+Count access and validation, gene look-up and the ``.uns`` block come from :mod:`hyperst.pp._utils`
+(shared with :mod:`hyperst.pp._niches` and :mod:`hyperst.tl`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,14 @@ from scipy import sparse
 
 from hyperst._constants import Key
 from hyperst._logging import logger
+from hyperst.pp._utils import (
+    check_counts,
+    counts_matrix,
+    layer_name,
+    libraries,
+    uns_block,
+    validate_gene_list,
+)
 
 __all__ = ["select_genes", "targets"]
 
@@ -137,12 +145,12 @@ def select_genes(
 
     n_samples = sum(len(_sample_rows(a, library_key)) for a in adata_list)
     common = _common_genes(adata_list)
-    matrices = [_counts(a, layer, common) for a in adata_list]
+    matrices = [counts_matrix(a, layer, common) for a in adata_list]
     for a, m in zip(adata_list, matrices, strict=True):
-        _check_counts(m, _layer_name(layer), sample=_sample_label(a, adata_list))
+        check_counts(m, layer_name(layer), sample=_sample_label(a, adata_list))
 
     if flavor == "list":
-        selected = _validate_gene_list(genes, common, argument="genes")
+        selected = validate_gene_list(genes, common, argument="genes")
         n_candidates = len(selected)
     else:
         if flavor == "mean":
@@ -201,7 +209,7 @@ def select_genes(
             r = rank.reindex(a.var_names).fillna(-1).to_numpy().astype(np.int64)
             a.var[Key.VAR_SELECTED] = r >= 0
             a.var[Key.VAR_RANK] = r
-            _uns_block(a)[Key.UNS_GENES] = dict(record)
+            uns_block(a)[Key.UNS_GENES] = dict(record)
     return selected
 
 
@@ -244,14 +252,14 @@ def targets(
     """
     if not isinstance(adata, AnnData):
         raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
-    names = _validate_gene_list(genes, adata.var_names, argument="genes")
+    names = validate_gene_list(genes, adata.var_names, argument="genes")
     idx = adata.var_names.get_indexer(names)
-    where = _layer_name(layer)
+    where = layer_name(layer)
     if normalize:
         if not (np.isfinite(target_sum) and target_sum > 0):
             raise ValueError(f"`target_sum` must be a positive finite number, got {target_sum!r}.")
-        full = _counts(adata, layer)
-        _check_counts(full, where)
+        full = counts_matrix(adata, layer)
+        check_counts(full, where)
         size = np.asarray(full.sum(axis=1), dtype=np.float64).ravel()
         n_empty = int((size == 0).sum())
         if n_empty:
@@ -259,8 +267,8 @@ def targets(
         scale = np.divide(target_sum, size, out=np.zeros_like(size), where=size > 0)
         sub = _to_dense64(full[:, idx]) * scale[:, None]
     else:
-        sub_raw = _counts(adata, layer, cols=idx)
-        _check_counts(sub_raw, where)
+        sub_raw = counts_matrix(adata, layer, cols=idx)
+        check_counts(sub_raw, where)
         sub = _to_dense64(sub_raw)
     return np.log2(1.0 + sub).astype(np.float32)
 
@@ -282,26 +290,11 @@ def _as_adata_list(adatas: AnnData | Sequence[AnnData]) -> list[AnnData]:
     return out
 
 
-def _libraries(adata: AnnData, library_key: str | None) -> list[tuple[Any, np.ndarray]]:
-    """``(sample, row indices)`` per sample of ``adata`` (one ``(None, all rows)`` without ``library_key``)."""
-    if library_key is None:
-        return [(None, np.arange(adata.n_obs))]
-    if library_key not in adata.obs:
-        raise ValueError(
-            f"`library_key`={library_key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)[:10]})."
-        )
-    lib = adata.obs[library_key]
-    if lib.isna().any():
-        raise ValueError(f"adata.obs[{library_key!r}] has missing values; every spot needs a sample.")
-    codes, uniques = pd.factorize(lib, sort=False)
-    return [(uniques[k], np.flatnonzero(codes == k)) for k in range(len(uniques))]
-
-
 def _sample_rows(adata: AnnData, library_key: str | None) -> list[np.ndarray | None]:
     """Row indices of each sample of ``adata`` (``[None]``: the whole AnnData is one sample)."""
     if library_key is None:
         return [None]
-    return [rows for _, rows in _libraries(adata, library_key)]
+    return [rows for _, rows in libraries(adata, library_key)]
 
 
 def _check_positive_int(value: Any, name: str) -> None:
@@ -337,95 +330,6 @@ def _common_genes(adata_list: list[AnnData]) -> pd.Index:
             f"not considered; {len(common)} shared genes remain."
         )
     return pd.Index(common)
-
-
-def _validate_gene_list(genes: Sequence[str] | None, available: pd.Index, *, argument: str) -> list[str]:
-    """Check a user gene list: non-empty, no duplicates, every name in ``available``."""
-    if genes is None:
-        raise ValueError(f"`{argument}` is required here: pass a list of gene names.")
-    if isinstance(genes, str | bytes):
-        raise TypeError(f"`{argument}` must be a sequence of gene names, not a single string ({genes!r}).")
-    names = [str(g) for g in genes]
-    if not names:
-        raise ValueError(f"`{argument}` is empty: select at least one gene.")
-    seen = pd.Index(names)
-    if not seen.is_unique:
-        dup = seen[seen.duplicated()].unique()[:5].tolist()
-        raise ValueError(f"`{argument}` holds duplicated genes: {dup}.")
-    missing = seen[~seen.isin(available)]
-    if len(missing):
-        shown = ", ".join(repr(g) for g in missing[:5])
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise ValueError(f"`{argument}`: {len(missing)} genes not found in var_names (of every sample): {shown}{more}.")
-    return names
-
-
-def _layer_name(layer: str | None) -> str:
-    return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-
-
-def _counts(
-    adata: AnnData,
-    layer: str | None,
-    genes: pd.Index | None = None,
-    *,
-    cols: np.ndarray | None = None,
-) -> np.ndarray | sparse.csr_matrix:
-    """Return the count matrix (``.X`` or a layer), optionally restricted to genes / column indices."""
-    if layer is None:
-        mat = adata.X
-    else:
-        if layer not in adata.layers:
-            raise ValueError(
-                f"`layer`={layer!r} is not in adata.layers (available: {list(adata.layers.keys())}); pass "
-                "the layer that holds raw counts, or layer=None for .X."
-            )
-        mat = adata.layers[layer]
-    if mat is None:
-        raise ValueError(f"{_layer_name(layer)} is empty; raw counts are required.")
-    if genes is not None:
-        cols = adata.var_names.get_indexer(genes)
-    if sparse.issparse(mat):
-        mat = sparse.csr_matrix(mat)
-        return mat if cols is None else mat[:, cols]
-    if not isinstance(mat, np.ndarray):
-        try:
-            mat = np.asarray(mat)
-        except Exception as err:  # e.g. backed or lazy arrays that cannot be materialised
-            raise ValueError(
-                f"{_layer_name(layer)} of type {type(mat).__name__} cannot be read as an array; load it "
-                "into memory (numpy or scipy.sparse) first."
-            ) from err
-    return mat if cols is None else mat[:, cols]
-
-
-def _values(mat: np.ndarray | sparse.spmatrix) -> np.ndarray:
-    return np.asarray(mat.data if sparse.issparse(mat) else mat)
-
-
-def _check_counts(mat: np.ndarray | sparse.spmatrix, where: str, *, sample: str | None = None) -> None:
-    """Raise for NaN/inf/negative counts; warn when values are not integers (maybe not raw counts)."""
-    values = _values(mat)
-    label = where if sample is None else f"{where} of {sample}"
-    if values.dtype.kind not in "biuf":
-        raise ValueError(f"{label} has dtype {values.dtype}; raw counts must be numeric.")
-    if values.dtype.kind == "f":
-        if not np.isfinite(values).all():
-            raise ValueError(
-                f"{label} holds NaN or infinite values; raw counts must be finite and non-negative "
-                "(fill missing counts with 0, or pass the `layer` that holds raw counts)."
-            )
-        if values.size and (values < 0).any():
-            raise ValueError(
-                f"{label} holds negative values; raw counts must be non-negative (was the matrix scaled? pass "
-                "the `layer` that holds raw counts)."
-            )
-        if values.size and (values != np.round(values)).any():
-            logger.warning(
-                f"{label} holds non-integer values; hyperst expects raw counts there (log2(1 + x) is applied on top)."
-            )
-    elif values.dtype.kind == "i" and values.size and (values < 0).any():
-        raise ValueError(f"{label} holds negative values; raw counts must be non-negative.")
 
 
 def _to_dense64(mat: np.ndarray | sparse.spmatrix) -> np.ndarray:
@@ -487,14 +391,3 @@ def _top(values: np.ndarray, names: np.ndarray, n: int) -> np.ndarray:
     v = np.where(np.isnan(values), -np.inf, values)
     order = np.lexsort((names.astype(str), -v))
     return order[:n]
-
-
-def _uns_block(adata: AnnData) -> dict[str, Any]:
-    """``adata.uns[Key.UNS]`` as a dict, created when missing."""
-    block = adata.uns.get(Key.UNS)
-    if block is None:
-        adata.uns[Key.UNS] = {}
-        block = adata.uns[Key.UNS]
-    if not isinstance(block, dict):
-        raise ValueError(f"adata.uns[{Key.UNS!r}] must be a dict, got {type(block).__name__}.")
-    return block

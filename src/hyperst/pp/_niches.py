@@ -1,9 +1,17 @@
-"""Spot niches (:func:`hyperst.pp.niches`): neighbour graph and niche expression.
+"""Spot niches (:func:`hyperst.pp.niches`): neighbour graph, then niche expression.
 
 A niche is a spot together with its immediate neighbours (METHOD §1): 6 on the Visium hexagonal
-lattice, 8 (the 3×3 block) on the legacy ST square grid. The graph is built here with
-:class:`scipy.spatial.cKDTree` rather than :func:`squidpy.gr.spatial_neighbors`: squidpy's grid mode
-takes the ``n_neighs`` nearest spots and cuts at 1.3 × the *global* median distance, stores ring
+lattice, 8 (the 3×3 block) on the legacy ST square grid. The two steps are separate:
+
+1. **the graph** — built here with :class:`scipy.spatial.cKDTree` from the spot layout, or taken as it
+   is from any ``.obsp`` connectivity matrix (``connectivity_key=``, e.g. squidpy's
+   ``"spatial_connectivities"``);
+2. **the aggregation** — :func:`aggregate_niches`, the one niche-expression rule
+   (log2(1 + mean raw counts over the spot and its neighbours)), also used by :func:`niche_targets` for
+   the niche targets of :func:`hyperst.tl.fit`.
+
+hyperst builds its own graph rather than calling :func:`squidpy.gr.spatial_neighbors`: squidpy's grid
+mode takes the ``n_neighs`` nearest spots and cuts at 1.3 × the *global* median distance, stores ring
 numbers instead of distances, and ``spatial_neighbors`` is deprecated since squidpy 1.7 (removed in
 1.9) while its replacements do not exist in the older squidpy versions hyperst supports. The result is
 stored the squidpy way (``.obsp[f"{Key.OBSP_NICHE_PREFIX}_connectivities"]`` and ``..._distances``), so
@@ -23,7 +31,8 @@ from scipy.spatial import cKDTree
 
 from hyperst._constants import Key
 from hyperst._logging import logger
-from hyperst.pp._genes import _check_counts, _counts, _layer_name, _libraries, _uns_block, _validate_gene_list
+from hyperst._utils import spot_pitch
+from hyperst.pp._utils import check_counts, counts_matrix, layer_name, libraries, uns_block, validate_gene_list
 
 __all__ = ["aggregate_niches", "niche_targets", "niches"]
 
@@ -46,6 +55,7 @@ def niches(
     layout: Literal["auto", "visium", "st", "radius", "knn"] = "auto",
     radius: float | None = None,
     n_neighs: int | None = None,
+    connectivity_key: str | None = None,
     library_key: str | None = None,
     layer: str | None = None,
     genes: Sequence[str] | None = None,
@@ -56,8 +66,8 @@ def niches(
 
     The niche of a spot is the spot and its immediate neighbours. Neighbours never cross samples: with
     ``library_key`` the graph is built per sample. The niche expression is
-    log2(1 + mean raw count over the niche members), computed as ``((A + I) @ X) / size`` with sparse
-    matrices.
+    log2(1 + mean raw count over the niche members), computed by :func:`aggregate_niches` as
+    ``((A + I) @ X) / size`` with sparse matrices.
 
     Layouts:
 
@@ -65,7 +75,8 @@ def niches(
         Hexagonal lattice, 6 neighbours. With integer ``obs["array_row"]``/``obs["array_col"]`` (Visium
         convention: columns doubled, ``row + col`` of one parity) neighbours are exact lattice
         neighbours; otherwise spots within ``(1 + √3)/2`` pitches of ``obsm["spatial"]``, the pitch
-        being the median nearest-neighbour distance of the sample.
+        being :func:`hyperst._utils.spot_pitch` of the sample (median over spots of the median distance
+        to their 4 nearest spots).
     ``"st"``
         Square grid, 8 neighbours (3×3 block, diagonals included): from the array coordinates, or within
         ``(√2 + 2)/2`` pitches.
@@ -84,11 +95,16 @@ def niches(
     With ``layout="visium"``/``"st"``, an explicit ``radius`` replaces the lattice rule (radius graph on
     ``obsm["spatial"]``, complete = 6 or 8 neighbours).
 
+    With ``connectivity_key``, no graph is built: the existing matrix ``.obsp[connectivity_key]`` (e.g.
+    ``"spatial_connectivities"`` from :func:`squidpy.gr.spatial_neighbors`) is the graph. Every non-zero
+    entry off the diagonal is a neighbour, whatever its weight; a niche is "complete" when it has as
+    many neighbours as the best-connected spot of its sample (as for ``"radius"``).
+
     Parameters
     ----------
     adata
-        AnnData (e.g. the table of a SpatialData) with spot centres in ``obsm["spatial"]`` (any unit) and
-        raw counts in ``.X`` or ``layer``.
+        AnnData (e.g. the table of a SpatialData) with spot centres in ``obsm["spatial"]`` (any unit;
+        optional with ``connectivity_key``) and raw counts in ``.X`` or ``layer``.
     layout
         Neighbourhood rule, see above.
     radius
@@ -96,8 +112,12 @@ def niches(
         the units of ``obsm["spatial"]``.
     n_neighs
         Number of neighbours for ``layout="knn"`` (required there, refused elsewhere).
+    connectivity_key
+        ``.obsp`` key of an existing ``(n_obs, n_obs)`` neighbour graph to aggregate over instead of
+        building one; ``layout`` must then stay ``"auto"`` and ``radius``/``n_neighs`` ``None``.
     library_key
-        ``obs`` column naming the sample of each spot; graphs never connect different samples.
+        ``obs`` column naming the sample of each spot; graphs never connect different samples (a given
+        graph that does is used as it is, with a warning).
     layer
         Layer holding the raw counts; ``None`` uses ``.X``.
     genes
@@ -117,8 +137,10 @@ def niches(
     -------
     ``None``, or the modified copy when ``copy=True``. Writes:
 
-    - ``.obsp[Key.OBSP_NICHE_CONNECTIVITIES]``: binary adjacency (CSR, float32, no self loops);
-    - ``.obsp[Key.OBSP_NICHE_DISTANCES]``: Euclidean neighbour distances in ``obsm["spatial"]`` units;
+    - ``.obsp[Key.OBSP_NICHE_CONNECTIVITIES]``: binary adjacency (CSR, float32, no self loops; with
+      ``connectivity_key`` the binarised given graph);
+    - ``.obsp[Key.OBSP_NICHE_DISTANCES]``: Euclidean neighbour distances in ``obsm["spatial"]`` units
+      (not written when ``connectivity_key`` is given and ``obsm["spatial"]`` is absent);
     - ``.obsm[Key.OBSM_NICHE_EXPRESSION]``: dense ``float32`` ``(n_obs, n_genes)``;
     - ``.obs[Key.OBS_NICHE_SIZE]`` (members, self included) and ``.obs[Key.OBS_NICHE_COMPLETE]``;
     - ``.uns[Key.UNS][Key.UNS_NICHES]``: the gene order, the resolved layout/radius per sample, the
@@ -128,8 +150,8 @@ def niches(
     ------
     ValueError
         If ``obsm["spatial"]`` is missing or not finite, spots share a position, the options conflict,
-        the layout cannot be detected, ``library_key``/``layer``/``genes`` are invalid, or the counts are
-        negative or not finite.
+        the layout cannot be detected, ``connectivity_key`` is not a square ``.obsp`` matrix,
+        ``library_key``/``layer``/``genes`` are invalid, or the counts are negative or not finite.
     """
     if not isinstance(adata, AnnData):
         raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
@@ -137,6 +159,15 @@ def niches(
         raise ValueError(f"`layout` must be one of {_LAYOUTS}, got {layout!r}.")
     if incomplete not in _INCOMPLETE:
         raise ValueError(f"`incomplete` must be one of {_INCOMPLETE}, got {incomplete!r}.")
+    if connectivity_key is not None:
+        if layout != "auto" or radius is not None or n_neighs is not None:
+            raise ValueError(
+                "`connectivity_key` gives the graph: leave `layout`='auto', `radius`=None and `n_neighs`=None."
+            )
+        if connectivity_key not in adata.obsp:
+            raise ValueError(
+                f"`connectivity_key`={connectivity_key!r} is not in adata.obsp (available: {list(adata.obsp.keys())})."
+            )
     if radius is not None and (
         isinstance(radius, bool) or not np.isfinite(radius) or not float(radius) > 0 or layout == "knn"
     ):
@@ -151,73 +182,52 @@ def niches(
     if adata.n_obs == 0:
         raise ValueError("`adata` has no observations (spots).")
 
-    coords = _coordinates(adata)
-    libraries = _libraries(adata, library_key)
+    libs = libraries(adata, library_key)
+    coords = None if connectivity_key is not None and Key.OBSM_SPATIAL not in adata.obsm else _coordinates(adata)
     gene_names = (
-        list(adata.var_names) if genes is None else _validate_gene_list(genes, adata.var_names, argument="genes")
+        list(adata.var_names) if genes is None else validate_gene_list(genes, adata.var_names, argument="genes")
     )
-    cols = adata.var_names.get_indexer(gene_names)
-    counts = _counts(adata, layer, cols=cols)
-    _check_counts(counts, _layer_name(layer))
+    counts = counts_matrix(adata, layer, cols=adata.var_names.get_indexer(gene_names))
+    check_counts(counts, layer_name(layer))
 
-    # ---------------------------------------------------------------- graph, one block per library
+    # ---------------------------------------------------------------- graph
+    if connectivity_key is None:
+        rows, cols, expected, resolved = _layout_edges(
+            adata, coords, libs, layout=layout, radius=radius, n_neighs=n_neighs, library_key=library_key
+        )
+    else:
+        rows, cols, expected, resolved = _given_edges(adata, connectivity_key, libs, library_key)
     n = adata.n_obs
-    rows_all, cols_all = [], []
-    expected = np.zeros(n, dtype=np.int64)
-    resolved: dict[str, dict[str, Any]] = {}
-    for lib, idx in libraries:
-        lib_coords = coords[idx]
-        _check_unique_positions(lib_coords, lib)
-        lib_layout = layout
-        if layout == "auto":
-            lib_layout = _detect_layout(adata, idx, lib_coords, lib, library_key)
-        r_i, c_i, info = _graph(adata, idx, lib_coords, lib_layout, radius=radius, n_neighs=n_neighs)
-        rows_all.append(idx[r_i])
-        cols_all.append(idx[c_i])
-        degree = np.bincount(r_i, minlength=len(idx))
-        if lib_layout in _EXPECTED:
-            exp = _EXPECTED[lib_layout]
-        elif lib_layout == "knn":
-            exp = int(min(n_neighs, len(idx) - 1))  # type: ignore[arg-type]
-        else:  # radius
-            exp = int(degree.max()) if len(idx) else 0
-        expected[idx] = exp
-        info.update(layout=lib_layout, expected_neighbours=int(exp), n_spots=len(idx))
-        resolved["all" if lib is None else str(lib)] = info
-
-    rows = np.concatenate(rows_all) if rows_all else np.zeros(0, dtype=np.int64)
-    cols_g = np.concatenate(cols_all) if cols_all else np.zeros(0, dtype=np.int64)
-    dist = np.linalg.norm(coords[rows] - coords[cols_g], axis=1)
-    conn = sparse.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols_g)), shape=(n, n))
+    conn = sparse.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(n, n))
     conn.sum_duplicates()
     conn.data[:] = 1.0
-    dst = sparse.csr_matrix((dist, (rows, cols_g)), shape=(n, n))
-    dst.sum_duplicates()
-    dst.sort_indices()
     conn.sort_indices()
+    dst = None
+    if coords is not None:
+        dist = np.linalg.norm(coords[rows] - coords[cols], axis=1)
+        dst = sparse.csr_matrix((dist, (rows, cols)), shape=(n, n))
+        dst.sum_duplicates()
+        dst.sort_indices()
 
     degree = np.diff(conn.indptr)
     size = degree + 1
     complete = degree >= expected
     n_incomplete = int((~complete).sum())
 
-    # ---------------------------------------------------------------- niche expression (vectorised)
-    member = (conn + sparse.identity(n, dtype=np.float32, format="csr")).tocsr()
-    inv_size = (1.0 / size).astype(np.float64)
+    # ---------------------------------------------------------------- niche expression (chunks of genes)
+    members, member_size = _members(conn)
     expr = np.empty((n, len(gene_names)), dtype=np.float32)
-    x = sparse.csr_matrix(counts, dtype=np.float64) if sparse.issparse(counts) else np.asarray(counts, np.float64)
-    member64 = member.astype(np.float64)
     for start in range(0, len(gene_names), _GENE_CHUNK):
-        block = x[:, start : start + _GENE_CHUNK]
-        summed = member64 @ block
-        summed = summed.toarray() if sparse.issparse(summed) else np.asarray(summed)
-        expr[:, start : start + _GENE_CHUNK] = np.log2(1.0 + summed * inv_size[:, None])
+        expr[:, start : start + _GENE_CHUNK] = _aggregate(members, member_size, counts[:, start : start + _GENE_CHUNK])
 
     # ---------------------------------------------------------------- write
     if copy:
         adata = adata.copy()
     adata.obsp[Key.OBSP_NICHE_CONNECTIVITIES] = conn
-    adata.obsp[Key.OBSP_NICHE_DISTANCES] = dst.astype(np.float64)
+    if dst is not None:
+        adata.obsp[Key.OBSP_NICHE_DISTANCES] = dst.astype(np.float64)
+    elif Key.OBSP_NICHE_DISTANCES in adata.obsp:
+        del adata.obsp[Key.OBSP_NICHE_DISTANCES]  # stale: it belonged to an earlier graph
     adata.obsm[Key.OBSM_NICHE_EXPRESSION] = expr
     adata.obs[Key.OBS_NICHE_SIZE] = size.astype(np.int64)
     adata.obs[Key.OBS_NICHE_COMPLETE] = complete
@@ -238,19 +248,184 @@ def niches(
         "n_dropped": n_incomplete if incomplete == "drop" else 0,
         "libraries": resolved,
         "connectivities_key": Key.OBSP_NICHE_CONNECTIVITIES,
-        "distances_key": Key.OBSP_NICHE_DISTANCES,
     }
-    for name, value in (("radius", radius), ("n_neighs", n_neighs), ("library_key", library_key), ("layer", layer)):
+    if dst is not None:
+        record["distances_key"] = Key.OBSP_NICHE_DISTANCES
+    for name, value in (
+        ("radius", radius),
+        ("n_neighs", n_neighs),
+        ("connectivity_key", connectivity_key),
+        ("library_key", library_key),
+        ("layer", layer),
+    ):
         if value is not None:
             record[name] = value
-    _uns_block(adata)[Key.UNS_NICHES] = record
+    uns_block(adata)[Key.UNS_NICHES] = record
 
     if incomplete == "drop" and n_incomplete:
         adata._inplace_subset_obs(complete)
     return adata if copy else None
 
 
+def aggregate_niches(counts: np.ndarray | sparse.spmatrix, connectivities: sparse.spmatrix | np.ndarray) -> np.ndarray:
+    """Niche expression: log2(1 + mean raw counts over each spot and its neighbours).
+
+    The one niche-aggregation rule of hyperst (:func:`niches`, :func:`niche_targets`): with ``A`` the
+    binarised graph (without self loops) and ``X`` the counts, ``log2(1 + ((A + I) @ X) / size)``,
+    ``size`` being the row sums of ``A + I``, computed in float64 and returned as float32.
+
+    Parameters
+    ----------
+    counts
+        Raw counts ``(n_spots, n_genes)``, dense or sparse.
+    connectivities
+        Any ``(n_spots, n_spots)`` neighbour graph (e.g. ``.obsp["hyperst_niche_connectivities"]`` from
+        :func:`niches`, or squidpy's ``.obsp["spatial_connectivities"]``): every non-zero entry off the
+        diagonal makes a neighbour, whatever its weight; the spot itself is always a member, once (a
+        stored diagonal is ignored).
+
+    Returns
+    -------
+    ``(n_spots, n_genes)`` float32.
+
+    Raises
+    ------
+    ValueError
+        If ``connectivities`` is not ``(n_spots, n_spots)``.
+    """
+    conn = sparse.csr_matrix(connectivities)
+    n = counts.shape[0]
+    if conn.shape != (n, n):
+        raise ValueError(f"`connectivities` has shape {conn.shape}; expected ({n}, {n}) for {n} spots.")
+    members, size = _members(conn)
+    return _aggregate(members, size, counts)
+
+
+def niche_targets(
+    adata: AnnData, genes: Sequence[str], *, layer: str | None = None, library_key: str | None = None
+) -> np.ndarray:
+    """log2(1 + mean raw counts over each niche) of ``genes``, always from the current counts.
+
+    The niche graph in ``.obsp[Key.OBSP_NICHE_CONNECTIVITIES]`` (from :func:`niches`, with the user's
+    layout options or ``connectivity_key``) is used when present; otherwise :func:`niches` builds it (per
+    ``library_key``) and writes its documented keys.
+
+    Parameters
+    ----------
+    adata
+        AnnData with spot centres in ``obsm["spatial"]`` and raw counts in ``.X`` or ``layer``.
+    genes
+        Gene names, in output column order.
+    layer
+        Layer holding the raw counts; ``None`` uses ``.X``.
+    library_key
+        ``obs`` column naming the sample of each spot (only used when the graph is built here).
+
+    Returns
+    -------
+    ``(n_obs, len(genes))`` float32, as :func:`aggregate_niches`.
+    """
+    if Key.OBSP_NICHE_CONNECTIVITIES not in adata.obsp:
+        niches(adata, genes=list(genes), layer=layer, library_key=library_key)
+    counts = counts_matrix(adata, layer, pd.Index(genes))
+    check_counts(counts, "counts")
+    return aggregate_niches(counts, adata.obsp[Key.OBSP_NICHE_CONNECTIVITIES])
+
+
 # --------------------------------------------------------------------------------------- helpers
+
+
+def _members(conn: sparse.csr_matrix) -> tuple[sparse.csr_matrix, np.ndarray]:
+    """``A + I`` in float64 (A binarised, diagonal dropped) and its row sums (niche sizes)."""
+    n = conn.shape[0]
+    off = conn != 0
+    if off.diagonal().any():  # self loops (e.g. squidpy's set_diag=True): the spot counts once
+        off = off.tolil()
+        off.setdiag(False)
+        off = off.tocsr()
+        off.eliminate_zeros()
+        off.sort_indices()
+    members = off.astype(np.float64) + sparse.identity(n, format="csr")
+    return members, np.asarray(members.sum(axis=1)).ravel()
+
+
+def _aggregate(members: sparse.csr_matrix, size: np.ndarray, counts: np.ndarray | sparse.spmatrix) -> np.ndarray:
+    total = members @ counts
+    total = total.toarray() if sparse.issparse(total) else np.asarray(total)
+    return np.log2(1.0 + total / size[:, None]).astype(np.float32)
+
+
+def _layout_edges(
+    adata: AnnData,
+    coords: np.ndarray,
+    libs: list[tuple[Any, np.ndarray]],
+    *,
+    layout: str,
+    radius: float | None,
+    n_neighs: int | None,
+    library_key: str | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, dict[str, Any]]]:
+    """Global (row, col) edges built from the layout, one block per library, with per-spot expected degree."""
+    expected = np.zeros(adata.n_obs, dtype=np.int64)
+    resolved: dict[str, dict[str, Any]] = {}
+    rows_all, cols_all = [], []
+    for lib, idx in libs:
+        lib_coords = coords[idx]
+        _check_unique_positions(lib_coords, lib)
+        lib_layout = layout
+        if layout == "auto":
+            lib_layout = _detect_layout(adata, idx, lib_coords, lib, library_key)
+        r_i, c_i, info = _graph(adata, idx, lib_coords, lib_layout, radius=radius, n_neighs=n_neighs)
+        rows_all.append(idx[r_i])
+        cols_all.append(idx[c_i])
+        degree = np.bincount(r_i, minlength=len(idx))
+        if lib_layout in _EXPECTED:
+            exp = _EXPECTED[lib_layout]
+        elif lib_layout == "knn":
+            exp = int(min(n_neighs, len(idx) - 1))  # type: ignore[arg-type]
+        else:  # radius
+            exp = int(degree.max()) if len(idx) else 0
+        expected[idx] = exp
+        info.update(layout=lib_layout, expected_neighbours=int(exp), n_spots=len(idx))
+        resolved["all" if lib is None else str(lib)] = info
+    rows = np.concatenate(rows_all) if rows_all else np.zeros(0, dtype=np.int64)
+    cols = np.concatenate(cols_all) if cols_all else np.zeros(0, dtype=np.int64)
+    return rows, cols, expected, resolved
+
+
+def _given_edges(
+    adata: AnnData, key: str, libs: list[tuple[Any, np.ndarray]], library_key: str | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, dict[str, Any]]]:
+    """Global (row, col) edges of ``.obsp[key]`` (non-zero, off-diagonal), with per-spot expected degree."""
+    n = adata.n_obs
+    graph = adata.obsp[key]
+    if graph.shape != (n, n):
+        raise ValueError(f"adata.obsp[{key!r}] has shape {graph.shape}; expected ({n}, {n}).")
+    coo = sparse.coo_matrix(graph)
+    keep = (coo.data != 0) & (coo.row != coo.col)
+    rows, cols = coo.row[keep].astype(np.int64), coo.col[keep].astype(np.int64)
+    lib_of = np.zeros(n, dtype=np.int64)
+    for k, (_, idx) in enumerate(libs):
+        lib_of[idx] = k
+    n_cross = int((lib_of[rows] != lib_of[cols]).sum())
+    if n_cross:
+        logger.warning(
+            f"niches: adata.obsp[{key!r}] has {n_cross} edges between different samples of "
+            f"obs[{library_key!r}]; they are used as given."
+        )
+    degree = np.bincount(rows[np.unique(rows * n + cols, return_index=True)[1]], minlength=n)
+    expected = np.zeros(n, dtype=np.int64)
+    resolved: dict[str, dict[str, Any]] = {}
+    for lib, idx in libs:
+        exp = int(degree[idx].max()) if len(idx) else 0
+        expected[idx] = exp
+        resolved["all" if lib is None else str(lib)] = {
+            "source": f"obsp[{key!r}]",
+            "layout": "precomputed",
+            "expected_neighbours": exp,
+            "n_spots": len(idx),
+        }
+    return rows, cols, expected, resolved
 
 
 def _coordinates(adata: AnnData) -> np.ndarray:
@@ -278,20 +453,6 @@ def _check_unique_positions(xy: np.ndarray, lib: Any) -> None:
             f"obsm[{Key.OBSM_SPATIAL!r}]; remove duplicates (or pass `library_key` if they belong to "
             "different samples)."
         )
-
-
-def _pitch(xy: np.ndarray) -> float:
-    """Lattice pitch: median over spots of the median distance to their 4 nearest spots.
-
-    On both lattices the 4 nearest spots of an interior spot are first-ring neighbours, so this is
-    robust to positional jitter, which biases the plain nearest-neighbour distance low (the minimum of
-    several noisy distances), and to border spots (3 of their 4 nearest are still first-ring).
-    """
-    if len(xy) < 2:
-        return float("nan")
-    k = min(4, len(xy) - 1)
-    d, _ = cKDTree(xy).query(xy, k=k + 1)
-    return float(np.median(np.median(np.asarray(d).reshape(len(xy), k + 1)[:, 1:], axis=1)))
 
 
 def _array_coords(adata: AnnData, idx: np.ndarray) -> np.ndarray | None:
@@ -340,7 +501,7 @@ def _detect_layout(adata: AnnData, idx: np.ndarray, xy: np.ndarray, lib: Any, li
         logger.debug(f"niches: layout {found!r}{where} from the parity of the array coordinates.")
         return found
     if len(xy) > 1:
-        pitch = _pitch(xy)
+        pitch = spot_pitch(xy)
         tree = cKDTree(xy)
         counts = np.asarray([len(v) for v in tree.query_ball_point(xy, r=pitch * _DETECT_FACTOR)]) - 1
         n_hex, n_square = int((counts >= 5).sum()), int((counts == 4).sum())
@@ -405,53 +566,10 @@ def _graph(
             "niches: obs array coordinates do not follow the Visium convention (one parity of row + col); "
             "using obsm['spatial'] geometry instead."
         )
-    pitch = _pitch(xy)
+    pitch = spot_pitch(xy)
     if not np.isfinite(pitch):
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, {"source": "spatial"}
     r = pitch * _RADIUS_FACTOR[layout]
     rows, cols = _radius_pairs(xy, r)
     return rows, cols, {"source": "spatial", "pitch": pitch, "radius": float(r)}
-
-
-def aggregate_niches(counts: np.ndarray | sparse.spmatrix, connectivities: sparse.spmatrix | np.ndarray) -> np.ndarray:
-    """Niche expression: log2(1 + mean raw counts over each spot and its neighbours).
-
-    Parameters
-    ----------
-    counts
-        Raw counts ``(n_spots, n_genes)``, dense or sparse.
-    connectivities
-        Any ``(n_spots, n_spots)`` neighbour graph (e.g. ``.obsp["hyperst_niche_connectivities"]`` from
-        :func:`niches`, or squidpy's ``.obsp["spatial_connectivities"]``): every non-zero entry makes a
-        neighbour, whatever its weight; the spot itself is always a member.
-
-    Returns
-    -------
-    ``(n_spots, n_genes)`` float32.
-    """
-    conn = sparse.csr_matrix(connectivities)
-    n = counts.shape[0]
-    if conn.shape != (n, n):
-        raise ValueError(f"`connectivities` has shape {conn.shape}; expected ({n}, {n}) for {n} spots.")
-    member = (conn != 0).astype(np.float64) + sparse.identity(n, format="csr")
-    size = np.asarray(member.sum(axis=1)).ravel()
-    total = member @ counts
-    total = total.toarray() if sparse.issparse(total) else np.asarray(total)
-    return np.log2(1.0 + total / size[:, None]).astype(np.float32)
-
-
-def niche_targets(
-    adata: AnnData, genes: Sequence[str], *, layer: str | None = None, library_key: str | None = None
-) -> np.ndarray:
-    """log2(1 + mean raw counts over each niche) of ``genes``, always from the current counts.
-
-    The niche graph in ``.obsp["hyperst_niche_connectivities"]`` (from :func:`niches`, with the user's
-    layout options) is used when present; otherwise :func:`niches` builds it (per ``library_key``) and
-    writes its documented keys.
-    """
-    if Key.OBSP_NICHE_CONNECTIVITIES not in adata.obsp:
-        niches(adata, genes=list(genes), layer=layer, library_key=library_key)
-    counts = _counts(adata, layer, pd.Index(genes))
-    _check_counts(counts, "counts")
-    return aggregate_niches(counts, adata.obsp[Key.OBSP_NICHE_CONNECTIVITIES])
