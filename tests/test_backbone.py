@@ -13,9 +13,9 @@ import pytest
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
+from hyperst._constants import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from hyperst.pp import _backbone_extract  # noqa: E402
 from hyperst.pp._backbone import (  # noqa: E402
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     KNOWN_BACKBONES,
     BackboneSpec,
     _ClsMeanPool,
@@ -340,6 +340,28 @@ def test_extract_features_errors_and_empty(tiny: torch.nn.Module) -> None:
         extract_features(plain, _images(2), progress=False)
     with pytest.raises(ValueError, match=r"expected \(batch, D\)"):
         extract_features(plain, _images(2), mean=(0.5,) * 3, std=(0.5,) * 3, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="is not a device"):
+        extract_features(tiny, _images(2), device="gpu0", progress=False)
+    if not torch.cuda.is_available():  # the shared device rule: a clear error instead of a failing .to()
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            extract_features(tiny, _images(2), device="cuda", progress=False)
+
+
+def test_backbone_rooms_share_one_definition() -> None:
+    # extract_features lives in its own room and stays importable from hyperst.pp._backbone and hst.pp
+    import hyperst as hst
+    from hyperst import _constants
+    from hyperst.pp import _backbone
+
+    assert extract_features is _backbone_extract.extract_features
+    assert hst.pp.extract_features is extract_features
+    assert hst.pp.load_backbone is load_backbone
+    # the ImageNet statistics are the one copy of hyperst._constants
+    assert _backbone.IMAGENET_MEAN is _constants.IMAGENET_MEAN
+    assert _backbone.IMAGENET_STD is _constants.IMAGENET_STD
+    assert (KNOWN_BACKBONES["uni"].mean, KNOWN_BACKBONES["uni"].std) == (IMAGENET_MEAN, IMAGENET_STD)
+    assert not hasattr(_backbone, "_resolve_device")
+    assert (IMAGENET_MEAN, IMAGENET_STD) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 # ----------------------------------------------------------------------------------------- ImageNet check

@@ -1,7 +1,15 @@
-"""Image backbones (timm) and frozen feature extraction from batches of crops.
+"""Image backbones (timm): the spec, the registry of named backbones and loading local weights.
 
 Everything here loads weights from *local* files. Hugging Face Hub ids (``"hf-hub:owner/repo"``) are
 only fetched when the caller passes ``allow_download=True``; nothing downloads at import time.
+
+The rooms of the backbone code:
+
+- here: :class:`BackboneSpec`, :data:`KNOWN_BACKBONES` (a new named backbone goes there),
+  :func:`resolve_backbone_spec`, :func:`load_backbone` (weights resolution: files, folders, weight
+  packages, the Hub) and the ``cls_mean`` pooling wrapper;
+- :mod:`hyperst.pp._backbone_checkpoint`: reading checkpoints and mapping their keys onto timm;
+- :mod:`hyperst.pp._backbone_extract`: :func:`extract_features` (re-exported here).
 
 Supported checkpoint layouts (detected from the keys, then verified tensor by tensor):
 
@@ -24,10 +32,7 @@ import dataclasses
 import importlib
 import importlib.util
 import json
-import pickle
-import re
-import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,11 +41,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from hyperst._constants import IMAGENET_MEAN, IMAGENET_STD
 from hyperst._logging import logger
+from hyperst.pp._backbone_checkpoint import load_state, read_checkpoint
+from hyperst.pp._backbone_extract import extract_features
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "KNOWN_BACKBONES",
     "BackboneSpec",
     "extract_features",
@@ -48,14 +54,11 @@ __all__ = [
     "resolve_backbone_spec",
 ]
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 _HALF: tuple[float, float, float] = (0.5, 0.5, 0.5)
 _POOLS = ("default", "cls_mean")
 _HUB_PREFIX = "hf-hub:"
 _PACKAGE_PREFIX = "package:"
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth", "model.pt")
-_N_SHOW = 5
 
 
 # --------------------------------------------------------------------------------------------- spec
@@ -400,8 +403,8 @@ def load_backbone(
         raise
 
     if path is not None:
-        state = _read_checkpoint(path)
-        _load_state(model, state, name=spec.name, num_classes=num_classes, key_prefix=spec.key_prefix, source=path)
+        state = read_checkpoint(path)
+        load_state(model, state, name=spec.name, num_classes=num_classes, key_prefix=spec.key_prefix, source=path)
         logger.info(f"Loaded {spec.name} weights from {path}.")
     spec.weights = str(path) if path is not None else None
 
@@ -497,240 +500,6 @@ def _download_hub_weights(repo: str) -> Path:  # pragma: no cover - needs networ
     raise ValueError(f"Hub repository {repo!r} has neither model.safetensors nor pytorch_model.bin.")
 
 
-def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """Read a tensor ``state_dict`` from ``path`` (safely: no arbitrary unpickling)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        obj: Any = load_file(str(path), device="cpu")
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise ValueError(
-                f"Checkpoint {str(path)!r} holds more than tensors and cannot be read safely "
-                f"(torch.load(weights_only=True): {str(err).splitlines()[0]}). Re-save it as "
-                "torch.save(model.state_dict(), path) or as .safetensors."
-            ) from None
-    for _ in range(3):
-        if isinstance(obj, Mapping) and not _is_tensor_dict(obj):
-            inner = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), Mapping)), None)
-            if inner is None:
-                break
-            obj = inner
-    if not isinstance(obj, Mapping) or not obj or not _is_tensor_dict(obj):
-        keys = list(obj)[:_N_SHOW] if isinstance(obj, Mapping) else type(obj).__name__
-        raise ValueError(
-            f"Checkpoint {str(path)!r} is not a state_dict of tensors (found {keys}); expected a plain state_dict "
-            "or a dict wrapping one under 'state_dict' or 'model'."
-        )
-    state = dict(obj)
-    for prefix in ("module.", "_orig_mod."):
-        if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
-
-
-def _is_tensor_dict(obj: Mapping[str, Any]) -> bool:
-    return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
-
-
-def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    clf = cfg.get("classifier") if isinstance(cfg, Mapping) else None
-    names = (clf,) if isinstance(clf, str) else tuple(clf or ())
-    return tuple(f"{n}." for n in names)
-
-
-def _load_state(
-    model: nn.Module,
-    state: dict[str, torch.Tensor],
-    *,
-    name: str,
-    num_classes: int,
-    key_prefix: str | None,
-    source: Path,
-) -> None:
-    """Convert ``state`` to ``model``'s names if needed, verify every tensor and load it."""
-    if key_prefix:
-        state = {k[len(key_prefix) :]: v for k, v in state.items() if k.startswith(key_prefix)}
-        if not state:
-            raise ValueError(f"No checkpoint key in {str(source)!r} starts with key_prefix={key_prefix!r}.")
-    target = model.state_dict()
-    if _is_lukemelas_efficientnet(state):
-        state = _map_by_position_lukemelas(state, target, name=name, num_classes=num_classes)
-    elif _is_hf_vit(state):
-        state = _convert_hf_vit(state)
-        logger.info("Converted a Hugging Face transformers ViT checkpoint to timm names.")
-    head = _classifier_prefixes(model) if num_classes == 0 else ()
-    if head:
-        state = {k: v for k, v in state.items() if not k.startswith(head)}
-
-    problems = _compare(state, target)
-    if problems:
-        filtered = _timm_filter(model, state)
-        if filtered is not None:
-            if head:
-                filtered = {k: v for k, v in filtered.items() if not k.startswith(head)}
-            if not _compare(filtered, target):
-                logger.warning(
-                    f"Checkpoint {source.name} was adapted to {name} by timm's checkpoint_filter_fn "
-                    "(renamed keys and/or resampled position embeddings)."
-                )
-                state, problems = filtered, ""
-    if problems:
-        raise ValueError(f"Checkpoint {str(source)!r} does not fit backbone {name!r}: {problems}")
-    for k, v in target.items():  # BatchNorm counters are not weights; fill them when absent
-        if k not in state and k.endswith("num_batches_tracked"):
-            state[k] = v
-    model.load_state_dict(state, strict=True)
-
-
-def _compare(state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> str:
-    """Describe key/shape differences between a checkpoint and a model ('' when they fit)."""
-    missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in target]
-    mismatched = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(target[k].shape)}"
-        for k in state
-        if k in target and state[k].shape != target[k].shape
-    ]
-    parts = []
-    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
-        if items:
-            more = f" (+{len(items) - _N_SHOW} more)" if len(items) > _N_SHOW else ""
-            parts.append(f"{len(items)} {label}: {items[:_N_SHOW]}{more}")
-    return "; ".join(parts)
-
-
-def _timm_filter(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-    """Apply the ``checkpoint_filter_fn`` of the model's timm module, if any (``None`` on failure)."""
-    module = sys.modules.get(type(model).__module__)
-    fn = getattr(module, "checkpoint_filter_fn", None)
-    if fn is None:
-        return None
-    try:
-        return dict(fn(dict(state), model))
-    except Exception:  # a filter that does not apply is not an error by itself
-        return None
-
-
-# lukemelas EfficientNet(-Lite) -> timm, by position
-def _is_lukemelas_efficientnet(state: Mapping[str, torch.Tensor]) -> bool:
-    return "_conv_stem.weight" in state and any(k.startswith("_blocks.") for k in state)
-
-
-def _map_by_position_lukemelas(
-    state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], *, name: str, num_classes: int
-) -> dict[str, torch.Tensor]:
-    """Map lukemelas-style keys onto timm EfficientNet keys by position, checking shape and kind."""
-    if "conv_stem.weight" not in target:
-        raise ValueError(
-            f"The checkpoint is a lukemelas-style EfficientNet (keys '_conv_stem', '_blocks'), but backbone "
-            f"{name!r} is not a timm EfficientNet; use e.g. 'tf_efficientnet_lite0'."
-        )
-    if not name.startswith("tf_"):
-        logger.warning(
-            f"lukemelas EfficientNet weights come from TensorFlow ('same' padding); {name!r} pads symmetrically. "
-            f"Use 'tf_{name}' for identical outputs."
-        )
-    src = [(k, v) for k, v in state.items() if num_classes > 0 or not k.startswith("_fc.")]
-    dst = list(target.items())
-    if len(src) != len(dst):
-        raise ValueError(
-            f"lukemelas EfficientNet checkpoint has {len(src)} tensors but {name!r} (num_classes={num_classes}) "
-            f"has {len(dst)}; the variants differ (e.g. lite0 vs lite1) or the classifier sizes differ."
-        )
-    bad = [
-        f"{ks} {tuple(vs.shape)} -> {kd} {tuple(vd.shape)}"
-        for (ks, vs), (kd, vd) in zip(src, dst, strict=True)
-        if vs.shape != vd.shape or ks.rsplit(".", 1)[-1] != kd.rsplit(".", 1)[-1]
-    ]
-    if bad:
-        more = f" (+{len(bad) - _N_SHOW} more)" if len(bad) > _N_SHOW else ""
-        raise ValueError(
-            f"lukemelas EfficientNet checkpoint does not map onto {name!r} by position; {len(bad)} tensors differ "
-            f"in shape or kind: {bad[:_N_SHOW]}{more}"
-        )
-    return {kd: vs for (_, vs), (kd, _) in zip(src, dst, strict=True)}
-
-
-# Hugging Face transformers ViT (Phikon) -> timm
-_HF_VIT_DETECT = re.compile(
-    r"(^|\.)(encoder\.layer\.\d+\.attention\.attention\.query\.weight|layers\.\d+\.attention\.q_proj\.weight)$"
-)
-_HF_VIT_BLOCK = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)$")
-_HF_VIT_RENAME = {
-    "layernorm_before": "norm1",
-    "layernorm_after": "norm2",
-    "attention.output.dense": "attn.proj",
-    "attention.o_proj": "attn.proj",
-    "intermediate.dense": "mlp.fc1",
-    "mlp.fc1": "mlp.fc1",
-    "output.dense": "mlp.fc2",
-    "mlp.fc2": "mlp.fc2",
-}
-_HF_VIT_QKV = {
-    "attention.attention.query": "q",
-    "attention.attention.key": "k",
-    "attention.attention.value": "v",
-    "attention.q_proj": "q",
-    "attention.k_proj": "k",
-    "attention.v_proj": "v",
-}
-_HF_VIT_TOP = {
-    "embeddings.cls_token": "cls_token",
-    "embeddings.position_embeddings": "pos_embed",
-    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
-    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-    "layernorm.weight": "norm.weight",
-    "layernorm.bias": "norm.bias",
-}
-
-
-def _is_hf_vit(state: Mapping[str, torch.Tensor]) -> bool:
-    return any(_HF_VIT_DETECT.search(k) for k in state) and any(
-        k.endswith("embeddings.patch_embeddings.projection.weight") for k in state
-    )
-
-
-def _convert_hf_vit(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a transformers ``ViTModel`` state_dict to timm ``VisionTransformer`` names."""
-    anchor = next(k for k in state if k.endswith("embeddings.patch_embeddings.projection.weight"))
-    prefix = anchor[: -len("embeddings.patch_embeddings.projection.weight")]  # e.g. "vit." for classifiers
-    out: dict[str, torch.Tensor] = {}
-    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for key, val in state.items():
-        if not key.startswith(prefix):
-            if key.startswith("classifier."):  # ViTForImageClassification head
-                continue
-            out[key] = val
-            continue
-        k = key[len(prefix) :]
-        if k.startswith(("pooler.", "embeddings.mask_token")):
-            continue
-        if k in _HF_VIT_TOP:
-            out[_HF_VIT_TOP[k]] = val
-            continue
-        m = _HF_VIT_BLOCK.match(k)
-        if m is None:
-            out[key] = val  # left as is: reported as unexpected
-            continue
-        idx, rest = m.groups()
-        stem, _, kind = rest.rpartition(".")
-        if stem in _HF_VIT_QKV:
-            qkv.setdefault((idx, kind), {})[_HF_VIT_QKV[stem]] = val
-        elif stem in _HF_VIT_RENAME:
-            out[f"blocks.{idx}.{_HF_VIT_RENAME[stem]}.{kind}"] = val
-        else:
-            out[key] = val
-    for (idx, kind), parts in qkv.items():
-        if set(parts) != {"q", "k", "v"}:
-            raise ValueError(f"transformers ViT checkpoint: layer {idx} lacks some of query/key/value {kind}.")
-        out[f"blocks.{idx}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-    return out
-
-
 class _ClsMeanPool(nn.Module):
     """Class token concatenated with the mean patch token of a timm ViT (Virchow's embedding)."""
 
@@ -747,159 +516,3 @@ class _ClsMeanPool(nn.Module):
         """Return ``(batch, 2 * embed_dim)`` features."""
         tokens = self.trunk.forward_features(x)
         return torch.cat([tokens[:, 0], tokens[:, self.num_prefix_tokens :].mean(dim=1)], dim=-1)
-
-
-# --------------------------------------------------------------------------------------------- features
-def extract_features(
-    backbone: nn.Module,
-    batches: Iterable[np.ndarray] | np.ndarray,
-    *,
-    mean: Iterable[float] | None = None,
-    std: Iterable[float] | None = None,
-    input_size: int | None = None,
-    device: str | torch.device = "auto",
-    amp: bool | None = None,
-    batch_size: int = 64,
-    n_total: int | None = None,
-    progress: bool = True,
-) -> np.ndarray:
-    """Run a frozen backbone over batches of RGB crops.
-
-    Parameters
-    ----------
-    backbone
-        A model from :func:`load_backbone` (or any module mapping ``(b, 3, s, s)`` float images to
-        ``(b, D)``). It is moved to ``device`` and run in eval mode (its train/eval mode is restored).
-    batches
-        Iterable of ``uint8`` arrays ``(b, h, w, 3)`` (RGB, all with the same ``h, w``), or one such array.
-        Crops are re-batched into chunks of ``batch_size``, so the result does not depend on how the
-        input is chunked.
-    mean, std
-        Per-channel normalisation of ``[0, 1]`` RGB; default: ``backbone.hyperst_spec``.
-    input_size
-        Crops are resized (bilinear, antialiased) to ``input_size × input_size`` when their size differs;
-        default: ``backbone.hyperst_spec.input_size``; ``None`` without a spec: no resizing.
-    device
-        ``"auto"`` (CUDA when available, else CPU), or a torch device.
-    amp
-        bfloat16 autocast; default on for CUDA, off on CPU. Features are returned as float32 either way.
-    batch_size
-        Crops per forward pass.
-    n_total
-        Total number of crops, for the progress bar only.
-    progress
-        Show a tqdm progress bar.
-
-    Returns
-    -------
-    ``float32`` array ``(n, D)``, rows in input order.
-
-    Raises
-    ------
-    ValueError
-        Bad crops (dtype, shape, mixed sizes), missing normalisation, or a backbone whose output is not
-        ``(b, D)``.
-    """
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
-
-    spec = getattr(backbone, "hyperst_spec", None)
-    mean_v = _norm_stats(mean if mean is not None else getattr(spec, "mean", None), "mean")
-    std_v = _norm_stats(std if std is not None else getattr(spec, "std", None), "std")
-    if min(std_v) <= 0:
-        raise ValueError(f"std={std_v} must be positive.")
-    if input_size is None:
-        input_size = getattr(spec, "input_size", None)
-    if input_size is not None and (isinstance(input_size, bool) or int(input_size) != input_size or input_size < 1):
-        raise ValueError(f"input_size={input_size!r} must be a positive integer or None.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
-    dev = _resolve_device(device)
-    use_amp = dev.type == "cuda" if amp is None else bool(amp)
-
-    mean_t = torch.tensor(mean_v, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
-    std_t = torch.tensor(std_v, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
-    was_training = backbone.training
-    backbone.to(dev)
-    backbone.eval()
-    outs: list[np.ndarray] = []
-    try:
-        with (
-            torch.inference_mode(),
-            tqdm(total=n_total, disable=not progress, desc="features", unit="crop") as bar,
-        ):
-            for chunk in _rebatch(batches, batch_size):
-                x = torch.from_numpy(chunk).to(dev).permute(0, 3, 1, 2).float().div_(255.0)
-                if input_size is not None and tuple(x.shape[-2:]) != (input_size, input_size):
-                    x = F.interpolate(
-                        x, size=(input_size, input_size), mode="bilinear", align_corners=False, antialias=True
-                    )
-                x = (x - mean_t) / std_t
-                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                    y = backbone(x)
-                if not isinstance(y, torch.Tensor) or y.ndim != 2 or y.shape[0] != x.shape[0]:
-                    shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-                    raise ValueError(
-                        f"The backbone returned {shape} for a batch of {x.shape[0]}; expected (batch, D). Build it "
-                        "with load_backbone (num_classes=0 and a pooling model, or pool='cls_mean')."
-                    )
-                outs.append(y.float().cpu().numpy())
-                bar.update(x.shape[0])
-    finally:
-        backbone.train(was_training)
-    if not outs:
-        dim = getattr(backbone, "feature_dim", None)
-        if dim is None:
-            raise ValueError("batches held no crops and the backbone has no feature_dim to shape an empty result.")
-        return np.zeros((0, int(dim)), dtype=np.float32)
-    return np.ascontiguousarray(np.concatenate(outs, axis=0), dtype=np.float32)
-
-
-def _norm_stats(val: Iterable[float] | None, name: str) -> tuple[float, float, float]:
-    if val is None:
-        raise ValueError(
-            f"{name} is required: pass {name}=(r, g, b) or a backbone from load_backbone (which carries its spec)."
-        )
-    tup = tuple(float(v) for v in val)
-    if len(tup) != 3 or not all(np.isfinite(tup)):
-        raise ValueError(f"{name}={val!r} must be 3 finite numbers (R, G, B).")
-    return tup
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _rebatch(batches: Iterable[np.ndarray] | np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    """Yield ``uint8`` chunks of exactly ``batch_size`` crops (the last may be shorter)."""
-    if isinstance(batches, np.ndarray):
-        batches = [batches]
-    buffer: list[np.ndarray] = []
-    n_buf = 0
-    hw: tuple[int, int] | None = None
-    for i, arr in enumerate(batches):
-        arr = np.asarray(arr)
-        if arr.ndim != 4 or arr.shape[-1] != 3:
-            raise ValueError(
-                f"batches[{i}] has shape {arr.shape}; expected (b, h, w, 3) RGB crops (add a batch axis for one crop)."
-            )
-        if arr.dtype != np.uint8:
-            raise ValueError(f"batches[{i}] has dtype {arr.dtype}; expected uint8 RGB crops (0-255).")
-        if hw is None:
-            hw = (arr.shape[1], arr.shape[2])
-        elif (arr.shape[1], arr.shape[2]) != hw:
-            raise ValueError(f"batches[{i}] has crops of {arr.shape[1:3]} but earlier crops are {hw}; use one size.")
-        if arr.shape[0] == 0:
-            continue
-        buffer.append(arr)
-        n_buf += arr.shape[0]
-        while n_buf >= batch_size:
-            joined = np.concatenate(buffer, axis=0) if len(buffer) > 1 else buffer[0]
-            yield np.ascontiguousarray(joined[:batch_size])
-            rest = joined[batch_size:]
-            buffer = [rest] if rest.shape[0] else []
-            n_buf = rest.shape[0]
-    if n_buf:
-        yield np.ascontiguousarray(np.concatenate(buffer, axis=0) if len(buffer) > 1 else buffer[0])

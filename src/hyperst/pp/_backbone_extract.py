@@ -1,0 +1,166 @@
+"""Frozen feature extraction: :func:`extract_features` runs a backbone over batches of RGB crops.
+
+Crops are re-batched to a fixed ``batch_size`` (so features do not depend on how the input was chunked),
+scaled to ``[0, 1]``, resized to the backbone's input size and normalised with its mean/std.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from hyperst._utils import resolve_device
+
+__all__ = ["extract_features"]
+
+
+def extract_features(
+    backbone: nn.Module,
+    batches: Iterable[np.ndarray] | np.ndarray,
+    *,
+    mean: Iterable[float] | None = None,
+    std: Iterable[float] | None = None,
+    input_size: int | None = None,
+    device: str | torch.device = "auto",
+    amp: bool | None = None,
+    batch_size: int = 64,
+    n_total: int | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Run a frozen backbone over batches of RGB crops.
+
+    Parameters
+    ----------
+    backbone
+        A model from :func:`load_backbone` (or any module mapping ``(b, 3, s, s)`` float images to
+        ``(b, D)``). It is moved to ``device`` and run in eval mode (its train/eval mode is restored).
+    batches
+        Iterable of ``uint8`` arrays ``(b, h, w, 3)`` (RGB, all with the same ``h, w``), or one such array.
+        Crops are re-batched into chunks of ``batch_size``, so the result does not depend on how the
+        input is chunked.
+    mean, std
+        Per-channel normalisation of ``[0, 1]`` RGB; default: ``backbone.hyperst_spec``.
+    input_size
+        Crops are resized (bilinear, antialiased) to ``input_size × input_size`` when their size differs;
+        default: ``backbone.hyperst_spec.input_size``; ``None`` without a spec: no resizing.
+    device
+        ``"auto"`` (CUDA when available, else CPU), or a torch device.
+    amp
+        bfloat16 autocast; default on for CUDA, off on CPU. Features are returned as float32 either way.
+    batch_size
+        Crops per forward pass.
+    n_total
+        Total number of crops, for the progress bar only.
+    progress
+        Show a tqdm progress bar.
+
+    Returns
+    -------
+    ``float32`` array ``(n, D)``, rows in input order.
+
+    Raises
+    ------
+    ValueError
+        Bad crops (dtype, shape, mixed sizes), missing normalisation, or a backbone whose output is not
+        ``(b, D)``.
+    """
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    spec = getattr(backbone, "hyperst_spec", None)
+    mean_v = _norm_stats(mean if mean is not None else getattr(spec, "mean", None), "mean")
+    std_v = _norm_stats(std if std is not None else getattr(spec, "std", None), "std")
+    if min(std_v) <= 0:
+        raise ValueError(f"std={std_v} must be positive.")
+    if input_size is None:
+        input_size = getattr(spec, "input_size", None)
+    if input_size is not None and (isinstance(input_size, bool) or int(input_size) != input_size or input_size < 1):
+        raise ValueError(f"input_size={input_size!r} must be a positive integer or None.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
+    dev = resolve_device(device)
+    use_amp = dev.type == "cuda" if amp is None else bool(amp)
+
+    mean_t = torch.tensor(mean_v, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+    std_t = torch.tensor(std_v, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+    was_training = backbone.training
+    backbone.to(dev)
+    backbone.eval()
+    outs: list[np.ndarray] = []
+    try:
+        with (
+            torch.inference_mode(),
+            tqdm(total=n_total, disable=not progress, desc="features", unit="crop") as bar,
+        ):
+            for chunk in _rebatch(batches, batch_size):
+                x = torch.from_numpy(chunk).to(dev).permute(0, 3, 1, 2).float().div_(255.0)
+                if input_size is not None and tuple(x.shape[-2:]) != (input_size, input_size):
+                    x = F.interpolate(
+                        x, size=(input_size, input_size), mode="bilinear", align_corners=False, antialias=True
+                    )
+                x = (x - mean_t) / std_t
+                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
+                    y = backbone(x)
+                if not isinstance(y, torch.Tensor) or y.ndim != 2 or y.shape[0] != x.shape[0]:
+                    shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+                    raise ValueError(
+                        f"The backbone returned {shape} for a batch of {x.shape[0]}; expected (batch, D). Build it "
+                        "with load_backbone (num_classes=0 and a pooling model, or pool='cls_mean')."
+                    )
+                outs.append(y.float().cpu().numpy())
+                bar.update(x.shape[0])
+    finally:
+        backbone.train(was_training)
+    if not outs:
+        dim = getattr(backbone, "feature_dim", None)
+        if dim is None:
+            raise ValueError("batches held no crops and the backbone has no feature_dim to shape an empty result.")
+        return np.zeros((0, int(dim)), dtype=np.float32)
+    return np.ascontiguousarray(np.concatenate(outs, axis=0), dtype=np.float32)
+
+
+def _norm_stats(val: Iterable[float] | None, name: str) -> tuple[float, float, float]:
+    if val is None:
+        raise ValueError(
+            f"{name} is required: pass {name}=(r, g, b) or a backbone from load_backbone (which carries its spec)."
+        )
+    tup = tuple(float(v) for v in val)
+    if len(tup) != 3 or not all(np.isfinite(tup)):
+        raise ValueError(f"{name}={val!r} must be 3 finite numbers (R, G, B).")
+    return tup
+
+
+def _rebatch(batches: Iterable[np.ndarray] | np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """Yield ``uint8`` chunks of exactly ``batch_size`` crops (the last may be shorter)."""
+    if isinstance(batches, np.ndarray):
+        batches = [batches]
+    buffer: list[np.ndarray] = []
+    n_buf = 0
+    hw: tuple[int, int] | None = None
+    for i, arr in enumerate(batches):
+        arr = np.asarray(arr)
+        if arr.ndim != 4 or arr.shape[-1] != 3:
+            raise ValueError(
+                f"batches[{i}] has shape {arr.shape}; expected (b, h, w, 3) RGB crops (add a batch axis for one crop)."
+            )
+        if arr.dtype != np.uint8:
+            raise ValueError(f"batches[{i}] has dtype {arr.dtype}; expected uint8 RGB crops (0-255).")
+        if hw is None:
+            hw = (arr.shape[1], arr.shape[2])
+        elif (arr.shape[1], arr.shape[2]) != hw:
+            raise ValueError(f"batches[{i}] has crops of {arr.shape[1:3]} but earlier crops are {hw}; use one size.")
+        if arr.shape[0] == 0:
+            continue
+        buffer.append(arr)
+        n_buf += arr.shape[0]
+        while n_buf >= batch_size:
+            joined = np.concatenate(buffer, axis=0) if len(buffer) > 1 else buffer[0]
+            yield np.ascontiguousarray(joined[:batch_size])
+            rest = joined[batch_size:]
+            buffer = [rest] if rest.shape[0] else []
+            n_buf = rest.shape[0]
+    if n_buf:
+        yield np.ascontiguousarray(np.concatenate(buffer, axis=0) if len(buffer) > 1 else buffer[0])
