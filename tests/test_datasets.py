@@ -7,6 +7,7 @@ import itertools
 import logging
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,8 +15,16 @@ from scipy import sparse
 from scipy.spatial import cKDTree
 
 from hyperst._constants import Key
-from hyperst.datasets._her2st import _read_tables, fit_pixels_per_step, her2st
+from hyperst.datasets._her2st import _read_tables, her2st
 from hyperst.datasets._synthetic import BACKGROUND, LAYOUTS, TISSUES, synthetic
+from hyperst.datasets._utils import (
+    combine_genes,
+    fit_pixels_per_step,
+    normalise_chunks,
+    raw_counts,
+    reindex_columns,
+    spot_metadata,
+)
 
 HER2ST = Path(__file__).parents[1] / ".." / "shared" / "data" / "her2st"
 README_SPOTS = {"C2": 187, "C3": 180, "C4": 184, "C5": 181, "C6": 178}
@@ -259,6 +268,47 @@ def test_fit_pixels_per_step_is_robust():
     assert fit_pixels_per_step(grid, pixels) == pytest.approx(290.0, rel=2e-3)
     with pytest.raises(ValueError, match="non-collinear"):
         fit_pixels_per_step(grid[:20:5] * [1, 0], pixels[:20:5])
+
+
+def test_reader_helpers_by_hand():
+    a, b = pd.Index(["g1", "g2", "g3"]), pd.Index(["g3", "g4", "g1"])
+    assert list(combine_genes([a, b], "intersection")) == ["g1", "g3"]  # order of the first sample
+    assert list(combine_genes([a, b], "union")) == ["g1", "g2", "g3", "g4"]  # first seen
+    x = sparse.csr_matrix(np.array([[1, 0, 7], [0, 5, 2]], dtype=np.int32))  # columns g3, g4, g1 (sample b)
+    out = reindex_columns(x, b, pd.Index(["g1", "g2", "g3"]))
+    assert out.dtype == np.int32
+    np.testing.assert_array_equal(out.toarray(), [[7, 0, 1], [2, 0, 0]])  # g4 dropped, g2 absent
+    assert normalise_chunks(None) is None
+    assert normalise_chunks(512) == (3, 512, 512)
+    assert normalise_chunks((3, 64, 32)) == (3, 64, 32)
+    with pytest.raises(ValueError, match="positive"):
+        normalise_chunks(0)
+    with pytest.raises(TypeError, match="must be an int"):
+        normalise_chunks(1.5)
+    assert spot_metadata(spot_diameter=55, pitch=100, layout="visium", pixel_size=0.5) == {
+        "spot_diameter": 55.0,
+        "pitch": 100.0,
+        "layout": "visium",
+        "pixel_size": 0.5,
+    }
+    adata = ad.AnnData(np.array([[0.5, 1.0], [2.0, 0.0]], dtype=np.float32))  # .X is not counts
+    adata.layers[Key.LAYER_COUNTS] = sparse.csr_matrix(np.array([[3.0, 0.0], [1.0, 4.0]]))
+    counts = raw_counts(adata, source="test")
+    assert counts.dtype == np.int32
+    np.testing.assert_array_equal(counts.toarray(), [[3, 0], [1, 4]])
+    with pytest.raises(ValueError, match="test holds no raw integer counts"):
+        raw_counts(ad.AnnData(-np.ones((2, 2), dtype=np.float32)), source="test")
+
+
+def test_readers_share_one_helper_module():
+    from hyperst.datasets import _her2st, _hest, _synthetic, _utils, _visium
+
+    for module in (_her2st, _hest, _synthetic, _visium):
+        for name in ("image_key", "spots_key", "spot_metadata", "parse_circles", "parse_table"):
+            assert getattr(module, name) is getattr(_utils, name), (module.__name__, name)
+    assert _hest.raw_counts is _visium.raw_counts is _utils.raw_counts
+    assert _visium.fit_pixels_per_step is _her2st.fit_pixels_per_step is _utils.fit_pixels_per_step
+    assert (_her2st.ST_SPOT_DIAMETER, _her2st.ST_PITCH) == (100.0, 200.0)
 
 
 def test_her2st_reader_on_fake_layout(fake_her2st, caplog):

@@ -17,6 +17,19 @@ from scipy import sparse
 
 from hyperst._constants import Key
 from hyperst._logging import logger
+from hyperst.datasets._utils import (
+    combine_genes,
+    fit_pixels_per_step,
+    image_key,
+    normalise_chunks,
+    parse_circles,
+    parse_rgb_image,
+    parse_table,
+    reindex_columns,
+    spot_metadata,
+    spots_key,
+)
+from hyperst.pp._layout import layout_defaults
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -24,163 +37,14 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["her2st"]
 
-#: physical geometry of legacy Spatial Transcriptomics arrays (µm)
-ST_SPOT_DIAMETER = 100.0
-ST_PITCH = 200.0
+#: physical geometry of legacy Spatial Transcriptomics arrays (µm): 100 µm spots, 200 µm pitch
+ST_SPOT_DIAMETER, ST_PITCH = layout_defaults("st")
 
 _FILES = ("he.jpg", "counts.tsv.gz", "spots.tsv")
 _SPOT_COLUMNS = ("x", "y", "pixel_x", "pixel_y")
 
 
-# --------------------------------------------------------------------------- helpers shared with _synthetic
-def image_key(sample: str) -> str:
-    """Name of the image element of ``sample``."""
-    return f"{sample}_image"
-
-
-def spots_key(sample: str) -> str:
-    """Name of the spot shapes element of ``sample``."""
-    return f"{sample}_spots"
-
-
-def spot_metadata(*, spot_diameter: float, pitch: float, layout: str, pixel_size: float) -> dict[str, Any]:
-    """Entry of ``table.uns["hyperst"]["spots"][sample]``."""
-    return {
-        "spot_diameter": float(spot_diameter),
-        "pitch": float(pitch),
-        "layout": str(layout),
-        "pixel_size": float(pixel_size),
-    }
-
-
-def _normalise_chunks(chunks: int | tuple[int, int, int] | None) -> tuple[int, int, int] | None:
-    if chunks is None:
-        return None
-    if isinstance(chunks, int | np.integer) and not isinstance(chunks, bool):
-        if chunks <= 0:
-            raise ValueError(f"`chunks={chunks}` must be a positive number of pixels.")
-        return (3, int(chunks), int(chunks))
-    if isinstance(chunks, tuple) and len(chunks) == 3 and all(isinstance(c, int | np.integer) for c in chunks):
-        if min(chunks) <= 0:
-            raise ValueError(f"`chunks={chunks}` must hold positive sizes for (c, y, x).")
-        return (int(chunks[0]), int(chunks[1]), int(chunks[2]))
-    raise TypeError(f"`chunks={chunks!r}` must be an int (pixels per side), a (c, y, x) tuple or None.")
-
-
-def parse_rgb_image(
-    image_yxc: np.ndarray,
-    *,
-    coordinate_system: str,
-    multiscale: bool,
-    chunks: int | tuple[int, int, int] | None,
-) -> Any:
-    """Wrap an ``(y, x, 3)`` uint8 array as a spatialdata 2D image in ``(c, y, x)`` order.
-
-    The array is not copied: it is wrapped by a chunked dask array and transposed lazily. With
-    ``multiscale=True`` the result is a :class:`xarray.DataTree` with levels downscaled by 2, 4 and 8.
-    """
-    import dask.array as da
-    from spatialdata.models import Image2DModel
-    from spatialdata.transformations import Identity
-
-    if image_yxc.ndim != 3 or image_yxc.shape[2] != 3 or image_yxc.dtype != np.uint8:
-        raise ValueError(f"Expected an RGB uint8 image of shape (y, x, 3), got {image_yxc.shape} {image_yxc.dtype}.")
-    chunks_ = _normalise_chunks(chunks)
-    if chunks_ is None:
-        data = da.from_array(image_yxc, chunks=image_yxc.shape).transpose(2, 0, 1)
-    else:
-        data = da.from_array(image_yxc, chunks=(chunks_[1], chunks_[2], chunks_[0])).transpose(2, 0, 1)
-    return Image2DModel.parse(
-        data,
-        dims=("c", "y", "x"),
-        c_coords=["r", "g", "b"],
-        transformations={coordinate_system: Identity()},
-        scale_factors=[2, 2, 2] if multiscale else None,
-        chunks=chunks_,
-    )
-
-
-def parse_circles(
-    centres_xy: np.ndarray, *, radius: float, coordinate_system: str, index: np.ndarray | None = None
-) -> Any:
-    """Circles (spatialdata shapes) at ``centres_xy`` (level-0 pixels), ``Identity`` to ``coordinate_system``."""
-    from spatialdata.models import ShapesModel
-    from spatialdata.transformations import Identity
-
-    n = centres_xy.shape[0]
-    return ShapesModel.parse(
-        np.ascontiguousarray(centres_xy, dtype=np.float64),
-        geometry=0,
-        radius=np.full(n, float(radius)),
-        index=np.arange(n) if index is None else index,
-        transformations={coordinate_system: Identity()},
-    )
-
-
-def parse_table(adata: AnnData, samples: Sequence[str]) -> AnnData:
-    """Validate ``adata`` as the table annotating the spot elements of ``samples``."""
-    from spatialdata.models import TableModel
-
-    return TableModel.parse(
-        adata,
-        region=[spots_key(s) for s in samples],
-        region_key=Key.TABLE_REGION_KEY,
-        instance_key=Key.TABLE_INSTANCE_KEY,
-    )
-
-
 # --------------------------------------------------------------------------- Her2ST specifics
-def fit_pixels_per_step(array_xy: np.ndarray, pixel_xy: np.ndarray, *, n_iter: int = 10) -> float:
-    """Pixels per array step of a spot grid, from a robust affine fit of pixel vs array position.
-
-    Fits ``pixel = A @ array + b`` by least squares, then repeatedly drops spots whose residual exceeds
-    ``3 × 1.4826 × median residual`` (at least 2 % of a step) and refits, so the few spots that lie off the
-    printed grid do not bias the scale. The scale is ``sqrt(|det A|)``, the geometric mean of the two axes.
-
-    Parameters
-    ----------
-    array_xy
-        ``(n, 2)`` array (grid) coordinates.
-    pixel_xy
-        ``(n, 2)`` pixel coordinates of the same spots.
-    n_iter
-        Maximum number of trimming rounds.
-
-    Returns
-    -------
-    Pixels per array step.
-
-    Raises
-    ------
-    ValueError
-        If there are fewer than three spots or they are collinear.
-    """
-    array_xy = np.asarray(array_xy, dtype=np.float64)
-    pixel_xy = np.asarray(pixel_xy, dtype=np.float64)
-    n = array_xy.shape[0]
-    if n < 3 or np.linalg.matrix_rank(array_xy - array_xy.mean(0)) < 2:
-        raise ValueError("Need at least three non-collinear spots to fit the pixel size.")
-    design = np.c_[array_xy, np.ones(n)]
-    keep = np.ones(n, dtype=bool)
-    coef = np.zeros((3, 2))
-    for _ in range(n_iter):
-        coef, *_ = np.linalg.lstsq(design[keep], pixel_xy[keep], rcond=None)
-        step = float(np.sqrt(abs(np.linalg.det(coef[:2]))))
-        residual = np.linalg.norm(pixel_xy - design @ coef, axis=1)
-        threshold = max(3.0 * 1.4826 * float(np.median(residual[keep])), 0.02 * step)
-        new_keep = residual <= threshold
-        if new_keep.sum() < 3 or np.array_equal(new_keep, keep):
-            break
-        keep = new_keep
-    n_out = int(n - keep.sum())
-    if n_out:
-        logger.debug(f"pixel-size fit: ignored {n_out} of {n} off-grid spots")
-    step = float(np.sqrt(abs(np.linalg.det(coef[:2]))))
-    if step <= 0:
-        raise ValueError("Degenerate spot grid: the fitted pixel pitch is zero.")
-    return step
-
-
 def _available_sections(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir() if p.is_dir() and any((p / f).exists() for f in _FILES))
 
@@ -265,32 +129,6 @@ def _read_section_table(folder: Path, section: str) -> tuple[pd.DataFrame, spars
     return spots.loc[names].copy(), x, pd.Index(counts.columns.astype(str)), pixel_size
 
 
-def _combine_genes(genes_per_section: Sequence[pd.Index], how: Literal["intersection", "union"]) -> pd.Index:
-    first = genes_per_section[0]
-    if how == "intersection":
-        shared = set(first)
-        for g in genes_per_section[1:]:
-            shared &= set(g)
-        return pd.Index([g for g in first if g in shared])
-    seen = dict.fromkeys(first)
-    for g in genes_per_section[1:]:
-        seen.update(dict.fromkeys(g))
-    return pd.Index(list(seen))
-
-
-def _reindex_columns(x: sparse.csr_matrix, genes: pd.Index, target: pd.Index) -> sparse.csr_matrix:
-    """Columns of ``x`` (named ``genes``) placed at their position in ``target``; absent ones are dropped."""
-    position = target.get_indexer(genes)
-    coo = x.tocoo()
-    new_col = position[coo.col]
-    keep = new_col >= 0
-    out = sparse.csr_matrix(
-        (coo.data[keep], (coo.row[keep], new_col[keep])), shape=(x.shape[0], len(target)), dtype=np.int32
-    )
-    out.sort_indices()
-    return out
-
-
 def _read_tables(
     path: Path, sections: Sequence[str], genes: Literal["intersection", "union"]
 ) -> tuple[AnnData, dict[str, pd.DataFrame], dict[str, float]]:
@@ -308,7 +146,7 @@ def _read_tables(
         gene_lists.append(g)
         logger.info(f"{s}: {x.shape[0]} spots × {x.shape[1]} genes, {pixel_size:.4f} µm/px")
 
-    var_names = _combine_genes(gene_lists, genes)
+    var_names = combine_genes(gene_lists, genes)
     if len(var_names) == 0:
         raise ValueError(f"The sections {list(sections)} share no gene; use `genes='union'`.")
     if genes == "intersection" and len(sections) > 1:
@@ -316,7 +154,7 @@ def _read_tables(
             f"keeping the {len(var_names)} genes shared by {len(sections)} sections "
             f"(of {min(len(g) for g in gene_lists)}–{max(len(g) for g in gene_lists)} per section)"
         )
-    x_all = sparse.vstack([_reindex_columns(m, g, var_names) for m, g in zip(mats, gene_lists, strict=True)])
+    x_all = sparse.vstack([reindex_columns(m, g, var_names) for m, g in zip(mats, gene_lists, strict=True)])
     x_all = sparse.csr_matrix(x_all, dtype=np.int32)
 
     obs_frames = []
@@ -419,7 +257,7 @@ def her2st(
 
     if genes not in ("intersection", "union"):
         raise ValueError(f"`genes={genes!r}` must be 'intersection' or 'union'.")
-    _normalise_chunks(chunks)
+    normalise_chunks(chunks)
     path = Path(path).expanduser()
     selected = _resolve_sections(path, sections)
 

@@ -27,13 +27,14 @@ from scipy import sparse
 
 from hyperst._constants import Key
 from hyperst._logging import logger
-from hyperst.datasets._her2st import (
-    _combine_genes,
-    _normalise_chunks,
-    _reindex_columns,
+from hyperst.datasets._utils import (
+    combine_genes,
     image_key,
+    normalise_chunks,
     parse_circles,
     parse_table,
+    raw_counts,
+    reindex_columns,
     spot_metadata,
     spots_key,
 )
@@ -140,7 +141,7 @@ def read_wsi(
     file = Path(file)
     if not file.is_file():
         raise FileNotFoundError(f"Whole-slide image {str(file)!r} does not exist.")
-    chunks_ = _normalise_chunks(chunks)
+    chunks_ = normalise_chunks(chunks)
     with tifffile.TiffFile(file) as tif:
         if not tif.series:
             raise ValueError(f"{file} holds no image.")
@@ -197,43 +198,6 @@ def read_wsi(
 
 
 # --------------------------------------------------------------------------------------------- counts and metadata
-def raw_counts(adata: AnnData, *, source: str, layer: str | None = None) -> sparse.csr_matrix:
-    """Raw counts of ``adata`` (``.X``, else ``.layers[layer]`` / ``.layers["counts"]``) as CSR int32.
-
-    Raises a :class:`ValueError` naming ``source`` when no candidate holds non-negative integers.
-    """
-    candidates: list[tuple[str, Any]] = []
-    if layer is not None:
-        if layer not in adata.layers:
-            raise ValueError(f"`layer={layer!r}` is not a layer of {source}; layers: {list(adata.layers)}.")
-        candidates.append((f"layers[{layer!r}]", adata.layers[layer]))
-    else:
-        candidates.append(("X", adata.X))
-        if Key.LAYER_COUNTS in adata.layers:
-            candidates.append((f"layers[{Key.LAYER_COUNTS!r}]", adata.layers[Key.LAYER_COUNTS]))
-    for name, x in candidates:
-        if x is None:
-            continue
-        mat = sparse.csr_matrix(x)
-        values = mat.data
-        if values.size and (
-            not np.all(np.isfinite(values)) or values.min() < 0 or values.max() > np.iinfo(np.int32).max
-        ):
-            continue
-        if np.issubdtype(values.dtype, np.integer) or np.array_equal(values, np.round(values)):
-            if name != "X":
-                logger.info(f"{source}: raw counts taken from .{name} (.X is not integer counts)")
-            out = sparse.csr_matrix(mat, dtype=np.int32)
-            out.eliminate_zeros()
-            out.sort_indices()
-            return out
-    tried = ", ".join(f".{name}" for name, _ in candidates)
-    raise ValueError(
-        f"{source} holds no raw integer counts (checked {tried}); hyperst needs raw counts (non-negative integers) "
-        f"in .X or .layers[{Key.LAYER_COUNTS!r}]."
-    )
-
-
 def _positive(value: Any) -> float | None:
     """``value`` as a positive finite float, else ``None`` (metadata fields may be null, NaN or text)."""
     try:
@@ -473,7 +437,7 @@ def hest(
 
     if genes not in ("intersection", "union"):
         raise ValueError(f"`genes={genes!r}` must be 'intersection' or 'union'.")
-    _normalise_chunks(chunks)
+    normalise_chunks(chunks)
     root = Path(root).expanduser()
     selected = _resolve_ids(root, ids)
 
@@ -514,10 +478,10 @@ def hest(
             f"{width}×{height} px WSI"
         )
 
-    var_names = _combine_genes(gene_lists, genes)
+    var_names = combine_genes(gene_lists, genes)
     if len(var_names) == 0:
         raise ValueError(f"The samples {selected} share no gene; use `genes='union'`.")
-    x_all = sparse.vstack([_reindex_columns(m, g, var_names) for m, g in zip(mats, gene_lists, strict=True)])
+    x_all = sparse.vstack([reindex_columns(m, g, var_names) for m, g in zip(mats, gene_lists, strict=True)])
     x_all = sparse.csr_matrix(x_all, dtype=np.int32)
 
     with_arrays = all(Key.OBS_ARRAY_ROW in f.columns for f in frames)

@@ -17,7 +17,7 @@ from scipy import ndimage, sparse
 
 from hyperst._constants import Key
 from hyperst._logging import logger
-from hyperst.datasets._her2st import (
+from hyperst.datasets._utils import (
     image_key,
     parse_circles,
     parse_rgb_image,

@@ -26,15 +26,15 @@ import pandas as pd
 
 from hyperst._constants import Key
 from hyperst._logging import logger
-from hyperst.datasets._her2st import (
+from hyperst.datasets._utils import (
     fit_pixels_per_step,
     image_key,
     parse_circles,
     parse_table,
+    raw_counts,
     spot_metadata,
     spots_key,
 )
-from hyperst.datasets._hest import raw_counts
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -65,7 +65,7 @@ def visium_pixel_size(
     """Micrometres per full-resolution pixel of a Visium slide.
 
     With array coordinates, the pixel positions are fitted (robust affine least squares, see
-    :func:`~hyperst.datasets._her2st.fit_pixels_per_step`) against the physical grid: ``array_col`` counts
+    :func:`~hyperst.datasets._utils.fit_pixels_per_step`) against the physical grid: ``array_col`` counts
     half-pitches (50 µm) along a row, ``array_row`` steps of ``50·√3`` µm between rows. Otherwise the pixel size
     is ``65 µm / spot_diameter_fullres`` (Space Ranger's scale factor spans a theoretical 65 µm spot).
 
