@@ -103,7 +103,7 @@ def visium_centres(n: int, size: int) -> np.ndarray:
 
 
 def sides_px() -> tuple[float, float]:
-    from hyperst.pp._crops import CropGeometry
+    from hyperst.pp._layout import CropGeometry
 
     geom = CropGeometry.for_layout("visium", spot_diameter=SPOT_UM, pitch=PITCH_UM)
     return geom.sides_px(PIXEL_SIZE)
@@ -111,7 +111,8 @@ def sides_px() -> tuple[float, float]:
 
 # ------------------------------------------------------------------------------------------- workers
 def worker_hst(args: argparse.Namespace) -> dict:
-    from hyperst.pp._crops import ImagePyramid, extract_crops, iter_crops
+    from hyperst.pp._crops import extract_crops, iter_crops
+    from hyperst.pp._pyramid import ImagePyramid
 
     tree = build_image(args.size, args.chunk)
     centres = visium_centres(args.n_spots, args.size)

@@ -1,4 +1,5 @@
-"""Tests of the crop engine (hyperst.pp._crops): placement, pyramids, padding, streaming, dataset, cache."""
+"""Tests of the crop engine (hyperst.pp._crops, _pyramid, _layout, _resample) and the torch-side crop data
+(hyperst.data._crops, _augment, _cache): placement, pyramids, padding, streaming, dataset, cache."""
 
 from __future__ import annotations
 
@@ -13,20 +14,14 @@ import torch.nn.functional as F
 import xarray as xr
 from scipy import sparse
 
-from hyperst.pp._crops import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    CropCache,
-    CropGeometry,
-    ImagePyramid,
-    SpotCropDataset,
-    dihedral,
-    dihedral_inverse,
-    extract_crops,
-    image_fingerprint,
-    iter_crops,
-    tissue_fraction,
-)
+from hyperst._constants import IMAGENET_MEAN, IMAGENET_STD
+from hyperst.data._augment import dihedral, dihedral_inverse
+from hyperst.data._cache import CropCache
+from hyperst.data._crops import SpotCropDataset
+from hyperst.pp._crops import extract_crops, iter_crops
+from hyperst.pp._layout import CropGeometry
+from hyperst.pp._pyramid import ImagePyramid, image_fingerprint
+from hyperst.pp._tissue import tissue_fraction
 
 BG = np.array([128, 128, 128], dtype=np.uint8)
 

@@ -5,32 +5,68 @@
 - :func:`select_genes` / :func:`targets`: genes to predict and their log2(1 + counts) targets;
 - :func:`crops` / :class:`SpotCropDataset`: physical spot and niche crops, streamed from the pyramid;
 - :func:`image_features`: frozen backbone features of every spot and niche crop;
-- :func:`tissue_mask` / :func:`grid_spots`: tissue detection and pseudo-spots for H&E-only slides;
+- :func:`tissue_mask` / :func:`tissue_threshold` / :func:`tissue_fraction` / :func:`grid_spots`: tissue
+  detection (one per-slide Otsu threshold) and pseudo-spots for H&E-only slides;
 - :func:`load_backbone` / :func:`extract_features`: frozen image backbones from local weights.
+
+Imported lazily (spatialdata's ``_LAZY_IMPORTS`` pattern): ``import hyperst.pp`` imports neither torch nor
+numba; each name loads its module on first use (``hst.pp.niches`` needs neither).
 """
 
-from hyperst.pp._backbone import (
-    KNOWN_BACKBONES,
-    BackboneSpec,
-    extract_features,
-    load_backbone,
-    resolve_backbone_spec,
-)
-from hyperst.pp._crops import (
-    CropCache,
-    CropGeometry,
-    ImagePyramid,
-    SpotCropDataset,
-    dihedral,
-    extract_crops,
-    iter_crops,
-    tissue_fraction,
-)
-from hyperst.pp._features import SampleCrops, crop_geometry, crops, image_features
-from hyperst.pp._genes import select_genes, targets
-from hyperst.pp._niches import niches
-from hyperst.pp._spots import LAYOUTS, SampleSpots, resolve_spots, spot_table
-from hyperst.pp._tissue import grid_spots, tissue_mask
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hyperst.data._augment import dihedral
+    from hyperst.data._cache import CropCache
+    from hyperst.data._crops import SpotCropDataset
+    from hyperst.pp._backbone import (
+        KNOWN_BACKBONES,
+        BackboneSpec,
+        extract_features,
+        load_backbone,
+        resolve_backbone_spec,
+    )
+    from hyperst.pp._crops import extract_crops, iter_crops
+    from hyperst.pp._features import SampleCrops, crop_geometry, crops, image_features
+    from hyperst.pp._genes import select_genes, targets
+    from hyperst.pp._layout import LAYOUTS, CropGeometry
+    from hyperst.pp._niches import niches
+    from hyperst.pp._pyramid import ImagePyramid
+    from hyperst.pp._spots import SampleSpots, resolve_spots, spot_table
+    from hyperst.pp._tissue import grid_spots, tissue_fraction, tissue_mask, tissue_threshold
+
+_LAZY_IMPORTS: dict[str, str] = {
+    "KNOWN_BACKBONES": "hyperst.pp._backbone",
+    "BackboneSpec": "hyperst.pp._backbone",
+    "extract_features": "hyperst.pp._backbone",
+    "load_backbone": "hyperst.pp._backbone",
+    "resolve_backbone_spec": "hyperst.pp._backbone",
+    "CropCache": "hyperst.data._cache",
+    "SpotCropDataset": "hyperst.data._crops",
+    "dihedral": "hyperst.data._augment",
+    "extract_crops": "hyperst.pp._crops",
+    "iter_crops": "hyperst.pp._crops",
+    "LAYOUTS": "hyperst.pp._layout",
+    "CropGeometry": "hyperst.pp._layout",
+    "ImagePyramid": "hyperst.pp._pyramid",
+    "SampleCrops": "hyperst.pp._features",
+    "crop_geometry": "hyperst.pp._features",
+    "crops": "hyperst.pp._features",
+    "image_features": "hyperst.pp._features",
+    "select_genes": "hyperst.pp._genes",
+    "targets": "hyperst.pp._genes",
+    "niches": "hyperst.pp._niches",
+    "SampleSpots": "hyperst.pp._spots",
+    "resolve_spots": "hyperst.pp._spots",
+    "spot_table": "hyperst.pp._spots",
+    "grid_spots": "hyperst.pp._tissue",
+    "tissue_fraction": "hyperst.pp._tissue",
+    "tissue_mask": "hyperst.pp._tissue",
+    "tissue_threshold": "hyperst.pp._tissue",
+}
 
 __all__ = [
     "KNOWN_BACKBONES",
@@ -59,4 +95,17 @@ __all__ = [
     "targets",
     "tissue_fraction",
     "tissue_mask",
+    "tissue_threshold",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_IMPORTS:
+        value = getattr(importlib.import_module(_LAZY_IMPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hyperst.pp' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

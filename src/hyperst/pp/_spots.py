@@ -9,31 +9,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from hyperst._constants import Key
 from hyperst._logging import logger
+from hyperst._utils import spot_pitch
+from hyperst.pp._layout import LAYOUTS
+from hyperst.pp._pyramid import image_shape
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
     from spatialdata import SpatialData
 
-__all__ = ["LAYOUTS", "SampleSpots", "resolve_spots", "spot_table"]
-
-Layout = Literal["visium", "st", "generic"]
+__all__ = ["SampleSpots", "resolve_spots", "spot_table"]
 
 #: Suffixes of spots element names that are not part of the sample name (readers write ``f"{sample}_spots"``).
 _SPOTS_SUFFIXES: tuple[str, ...] = ("_spots", "_shapes", "_circles")
-
-#: Physical defaults per layout: spot diameter and centre-to-centre pitch in µm.
-LAYOUTS: dict[str, dict[str, float]] = {
-    "visium": {"spot_diameter": 55.0, "pitch": 100.0},
-    "st": {"spot_diameter": 100.0, "pitch": 200.0},
-}
-
 
 @dataclass
 class SampleSpots:
@@ -134,22 +128,6 @@ def _affine_xy(element: Any, coordinate_system: str) -> np.ndarray:
     return np.asarray(t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=np.float64)
 
 
-def _level0(image: Any) -> Any:
-    """The full-resolution DataArray of an image element (plain or multiscale)."""
-    import xarray as xr
-
-    if isinstance(image, xr.DataArray):
-        return image
-    from spatialdata import get_pyramid_levels
-
-    return get_pyramid_levels(image, n=0)
-
-
-def _image_shape(image: Any) -> tuple[int, int]:
-    arr = _level0(image)
-    return int(arr.sizes["y"]), int(arr.sizes["x"])
-
-
 def _spot_centres_and_diameters(element: Any) -> tuple[pd.Index, np.ndarray, np.ndarray | None]:
     """Intrinsic centres ``(n, 2)`` and diameters (``None`` for points) of a shapes/points element."""
     import geopandas as gpd
@@ -178,7 +156,7 @@ def _spot_centres_and_diameters(element: Any) -> tuple[pd.Index, np.ndarray, np.
 
 
 def _grid_geometry(xy: np.ndarray) -> tuple[float | None, str]:
-    """Median nearest-neighbour distance and layout guess ("visium" hex, "st" square, "generic")."""
+    """Lattice pitch (:func:`hyperst._utils.spot_pitch`) and layout guess ("visium" hex, "st" square, "generic")."""
     n = len(xy)
     if n < 4:
         return None, "generic"
@@ -188,7 +166,7 @@ def _grid_geometry(xy: np.ndarray) -> tuple[float | None, str]:
     k = min(9, n)
     dist, _ = tree.query(xy, k=k)
     nn = dist[:, 1]
-    pitch = float(np.median(nn))
+    pitch = spot_pitch(xy)
     if not np.isfinite(pitch) or pitch <= 0:
         return None, "generic"
     # neighbours at the pitch distance (±10 %) for spots with a full ring
@@ -414,7 +392,7 @@ def resolve_spots(
             elif table_key is not None:
                 logger.warning(f"Table `{table_key}` has no rows for spots `{skey}`; using the shapes alone.")
 
-        height, width = _image_shape(image)
+        height, width = image_shape(image)
         outside = (centers[:, 0] < 0) | (centers[:, 0] >= width) | (centers[:, 1] < 0) | (centers[:, 1] >= height)
         if outside.any():
             raise ValueError(
