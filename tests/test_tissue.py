@@ -13,7 +13,7 @@ from spatialdata.transformations import Identity, Scale, get_transformation
 
 from hyperst._constants import Key
 from hyperst.pp._spots import resolve_spots
-from hyperst.pp._tissue import _otsu, grid_spots, tissue_mask
+from hyperst.pp._tissue import grid_spots, tissue_fraction, tissue_mask, tissue_threshold
 
 PX = 2.0  # µm per level-0 pixel of the test slides
 
@@ -137,13 +137,53 @@ def test_tissue_mask_blank_and_black_images_have_no_tissue():
     assert not tissue_mask(_parse(black), pixel_size=PX)[0].any()
 
 
-def test_otsu_matches_skimage():
-    skimage_filters = pytest.importorskip("skimage.filters")
-    rng = np.random.default_rng(1)
-    values = np.concatenate([rng.normal(0.02, 0.01, 5000), rng.normal(0.35, 0.08, 3000)])
-    ours, ref = _otsu(values), float(skimage_filters.threshold_otsu(values))
-    assert abs(ours - ref) <= (values.max() - values.min()) / 256 + 1e-9
-    assert 0.1 < ours < 0.25
+def test_tissue_threshold_is_skimage_otsu_of_the_slide():
+    from scipy import ndimage
+    from skimage.filters import threshold_otsu
+
+    img, _ = _he(pad=80)
+    element = _parse(img)
+    thr = tissue_threshold(element, pixel_size=PX)
+    # by hand: the slide tissue_mask reads (2 px blocks at 2 µm/px -> 4 µm), blurred, saturation of bright pixels
+    rgb = img.astype(np.float32).reshape(500, 2, 600, 2, 3).mean(axis=(1, 3)) / 255
+    rgb = ndimage.gaussian_filter(rgb, sigma=(1.0, 1.0, 0.0), mode="nearest")
+    mx, mn = rgb.max(-1), rgb.min(-1)
+    sat = (mx - mn) / np.maximum(mx, 1e-6)
+    ref = float(threshold_otsu(sat[mx > 0.1].astype(np.float64)))
+    assert 0.1 < ref < 0.25  # between the glass (≈ 0.02) and the eosin pink (≈ 0.35)
+    assert thr == pytest.approx(ref, abs=1e-6)
+    # a blank slide: the threshold is the floor (nothing is tissue); a black one has no bright pixel
+    blank, _ = _he(tissue=False)
+    assert tissue_threshold(_parse(blank), pixel_size=PX) == pytest.approx(0.05)
+    assert tissue_threshold(_parse(np.zeros((64, 64, 3), np.uint8)), pixel_size=PX) == np.inf
+    with pytest.raises(ValueError, match="grey"):
+        tissue_threshold(xr.DataArray(np.zeros((1, 32, 32), dtype=np.uint8), dims=("c", "y", "x")))
+
+
+def test_tissue_fraction_per_slide_threshold_rejects_tinted_glass():
+    """Pink-tinted glass (saturation ≈ 0.12, like Her2ST's) is tissue for a fixed 0.07 threshold, not per slide."""
+    rng = np.random.default_rng(2)
+    h = w = 400
+    img = np.empty((h, w, 3), np.float32)
+    img[:] = (235, 210, 225)  # tinted glass: saturation (235 - 210) / 235 ≈ 0.11
+    img[:, : w // 2] = (200, 110, 170)  # stained tissue on the left half: saturation 0.45
+    img = np.clip(img + rng.normal(scale=4.0, size=img.shape), 0, 255).astype(np.uint8)
+    thr = tissue_threshold(_parse(img), pixel_size=1.0)
+    assert 0.15 < thr < 0.25
+    glass = np.stack([img[y : y + 32, w - 40 - x : w - 8 - x] for y, x in ((20, 0), (200, 40), (300, 80))])
+    tissue = np.stack([img[y : y + 32, 10 + x : 42 + x] for y, x in ((20, 0), (200, 40), (300, 80))])
+    border = img[None, 100:132, w // 2 - 16 : w // 2 + 16]  # half tissue, half glass
+    crops = np.concatenate([glass, tissue, border])
+    tf = tissue_fraction(crops, threshold=thr)
+    np.testing.assert_array_equal(tf[:3], 0.0)
+    np.testing.assert_array_equal(tf[3:6], 1.0)
+    assert tf[6] == pytest.approx(0.5, abs=0.04)
+    # the old fixed rule (saturation > 0.07) calls the glass tissue
+    assert (tissue_fraction(crops, threshold=0.07)[:3] > 0.95).all()
+    # grey crops or a nan threshold: nan; float crops are refused
+    assert np.isnan(tissue_fraction(crops, threshold=float("nan"))).all()
+    with pytest.raises(ValueError, match="uint8"):
+        tissue_fraction(crops.astype(np.float32), threshold=thr)
 
 
 @pytest.mark.parametrize(

@@ -17,12 +17,13 @@ from scipy import ndimage
 
 from hyperst._constants import Key
 from hyperst._logging import logger
-from hyperst.pp._spots import LAYOUTS, _level0, _names
+from hyperst.pp._layout import LAYOUTS, MIN_SPOT_WINDOW_UM
+from hyperst.pp._pyramid import image_levels, image_shape
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
 
-__all__ = ["grid_spots", "tissue_mask"]
+__all__ = ["grid_spots", "tissue_fraction", "tissue_mask", "tissue_threshold"]
 
 #: the default mask side is at most this many pixels ...
 _MAX_MASK_SIDE = 2048
@@ -30,8 +31,12 @@ _MAX_MASK_SIDE = 2048
 _MIN_MASK_PIXEL_SIZE = 4.0
 #: Otsu thresholds above this saturation are capped (an image that is all tissue must not be split in two)
 _MAX_SATURATION_THRESHOLD = 0.25
-#: spot crop side used by hyperst (µm): a pseudo-spot's tissue fraction is measured on this window
-_MIN_WINDOW_UM = 112.0
+#: lowest saturation threshold (0–1): a blank slide gives no tissue
+MIN_SATURATION = 0.05
+#: pixels whose value (brightest channel, 0–1) is at most this are not tissue (black padding, borders)
+MIN_VALUE = 0.1
+#: at most this many pixel saturations enter the Otsu threshold of a set of crops
+_MAX_OTSU_SAMPLES = 1 << 20
 #: at most this many lattice points are laid before filtering
 _MAX_GRID_POINTS = 20_000_000
 
@@ -41,24 +46,11 @@ def _levels(image: Any) -> list[Any]:
     """The levels of an image element as ``(c, y, x)`` DataArrays, fine to coarse."""
     import xarray as xr
 
-    if isinstance(image, xr.DataArray):
-        arrays = [image]
-    elif isinstance(image, xr.DataTree):
-        names = [str(k) for k in image.children if str(k).startswith("scale") and str(k)[5:].isdigit()]
-        if not names:
-            raise ValueError(
-                "`image` is a DataTree without 'scale0', 'scale1', … children; pass a spatialdata image element."
-            )
-        arrays = []
-        for k in sorted(names, key=lambda k: int(k[5:])):
-            variables = list(image[k].ds.data_vars.values())
-            if len(variables) != 1:
-                raise ValueError(f"`image` level {k!r} must hold exactly one data variable, got {len(variables)}.")
-            arrays.append(variables[0])
-    else:
+    if not isinstance(image, xr.DataArray | xr.DataTree):
         raise TypeError(
             f"`image` must be a spatialdata image element (xarray.DataArray or DataTree), got {type(image).__name__}."
         )
+    arrays = image_levels(image)
     out = []
     for i, arr in enumerate(arrays):
         dims = {str(d) for d in arr.dims}
@@ -66,15 +58,16 @@ def _levels(image: Any) -> list[Any]:
             raise ValueError(f"`image` level {i} must have dims ('c', 'y', 'x'), got {tuple(arr.dims)}.")
         if arr.sizes["c"] < 3:
             raise ValueError(
-                f"`image` has {arr.sizes['c']} channel(s): tissue detection needs an RGB H&E image (3 channels)."
+                f"`image` has {arr.sizes['c']} channel(s): tissue detection needs an RGB H&E image (3 channels); "
+                "a grey image has no colour to tell stained tissue from glass."
             )
         out.append(arr.transpose("c", "y", "x"))
     return out
 
 
-def _default_factor(shape0: tuple[int, int], pixel_size: float) -> float:
-    """Level-0 pixels per mask pixel of the default mask (side ≤ 2048 px, pixels ≥ 4 µm)."""
-    return max(1.0, max(shape0) / _MAX_MASK_SIDE, _MIN_MASK_PIXEL_SIZE / pixel_size)
+def _default_factor(shape0: tuple[int, int], pixel_size: float | None) -> float:
+    """Level-0 pixels per mask pixel of the default mask (side ≤ 2048 px, pixels ≥ 4 µm when the size is known)."""
+    return max(1.0, max(shape0) / _MAX_MASK_SIDE, _MIN_MASK_PIXEL_SIZE / pixel_size if pixel_size else 1.0)
 
 
 def _downsampled_rgb(image: Any, factor: float, *, at_least: bool) -> tuple[np.ndarray, float, int]:
@@ -118,20 +111,172 @@ def _downsampled_rgb(image: Any, factor: float, *, at_least: bool) -> tuple[np.n
 
 
 # ---------------------------------------------------------------------------------------------- mask
-def _otsu(values: np.ndarray, n_bins: int = 256) -> float:
-    """Otsu's threshold of ``values`` (as :func:`skimage.filters.threshold_otsu`, histogram bin centres)."""
-    lo, hi = float(values.min()), float(values.max())
-    if hi - lo < 1e-6:
-        return hi
-    hist, edges = np.histogram(values, bins=n_bins, range=(lo, hi))
-    centres = (edges[:-1] + edges[1:]) / 2
-    hist = hist.astype(np.float64)
-    w1 = np.cumsum(hist)
-    w2 = np.cumsum(hist[::-1])[::-1]
-    m1 = np.cumsum(hist * centres) / np.maximum(w1, 1e-12)
-    m2 = (np.cumsum((hist * centres)[::-1]) / np.maximum(w2[::-1], 1e-12))[::-1]
-    between = w1[:-1] * w2[1:] * (m1[:-1] - m2[1:]) ** 2
-    return float(centres[:-1][np.argmax(between)])
+def _saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """HSV saturation ``(max - min) / max`` and value ``max`` of ``(..., 3)`` RGB in [0, 1] (float32)."""
+    mx = rgb.max(axis=-1)
+    mn = rgb.min(axis=-1)
+    return (mx - mn) / np.maximum(mx, np.float32(1e-6)), mx
+
+
+def _crop_saturation(crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Saturation and value of ``(b, h, w, 3)`` uint8 crops, blurred as :func:`tissue_mask` blurs the slide."""
+    x = np.asarray(crops, dtype=np.float32) / np.float32(255)
+    blurred = ndimage.gaussian_filter(x, sigma=(0.0, 1.0, 1.0, 0.0), mode="nearest")
+    return _saturation_value(blurred)
+
+
+def _otsu_threshold(saturation: np.ndarray, min_saturation: float) -> float:
+    """Otsu's threshold (:func:`skimage.filters.threshold_otsu`) of saturations, kept in ``[min_saturation, 0.25]``.
+
+    ``inf`` when there is no value (no bright pixel: nothing is tissue).
+    """
+    from skimage.filters import threshold_otsu
+
+    if saturation.size == 0:
+        return float("inf")
+    values = np.asarray(saturation, dtype=np.float64).ravel()
+    otsu = float(values[0]) if float(values.min()) == float(values.max()) else float(threshold_otsu(values))
+    return float(np.clip(otsu, min_saturation, max(min_saturation, _MAX_SATURATION_THRESHOLD)))
+
+
+def _slide_saturation(
+    image: Any, pixel_size: float | None, target_pixel_size: float | None
+) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """Saturation and value of the blurred, downsampled slide that tissue detection reads, its scale and level."""
+    levels = _levels(image)
+    shape0 = (int(levels[0].sizes["y"]), int(levels[0].sizes["x"]))
+    if target_pixel_size is None:
+        rgb, scale, level = _downsampled_rgb(image, _default_factor(shape0, pixel_size), at_least=True)
+    else:
+        if pixel_size is None:
+            raise ValueError("`target_pixel_size` needs `pixel_size` (µm per level-0 pixel).")
+        rgb, scale, level = _downsampled_rgb(image, max(1.0, target_pixel_size / pixel_size), at_least=False)
+    blurred = ndimage.gaussian_filter(rgb, sigma=(1.0, 1.0, 0.0), mode="nearest")
+    sat, value = _saturation_value(blurred)
+    return sat, value, float(scale), level
+
+
+def _check_threshold_args(min_saturation: float, min_value: float) -> None:
+    for name, value in (("min_saturation", min_saturation), ("min_value", min_value)):
+        if not 0 <= value < 1:
+            raise ValueError(f"`{name}` must lie in [0, 1), got {value!r}.")
+
+
+def tissue_threshold(
+    image: Any,
+    *,
+    pixel_size: float | None = None,
+    target_pixel_size: float | None = None,
+    min_saturation: float = MIN_SATURATION,
+    min_value: float = MIN_VALUE,
+) -> float:
+    """The saturation above which a pixel of this slide is stained tissue: one threshold per slide.
+
+    This is the threshold :func:`tissue_mask` uses (``method="otsu"``), computed on the same downsampled,
+    slightly blurred slide: :func:`skimage.filters.threshold_otsu` of the HSV saturation of the pixels
+    brighter than ``min_value``, kept within ``[min_saturation, 0.25]``. A per-slide threshold separates
+    tissue from tinted glass (the pink background of the Her2ST sections, saturation ≈ 0.1–0.15), which a
+    fixed threshold counts as tissue. Pass it to :func:`tissue_fraction` for the crops of that slide.
+
+    Parameters
+    ----------
+    image
+        A spatialdata image element (see :func:`tissue_mask`), RGB.
+    pixel_size
+        µm per level-0 pixel. With the defaults, the slide is read with its side at most 2048 pixels and
+        (when ``pixel_size`` is given) its pixels at least 4 µm, exactly as :func:`tissue_mask` does.
+    target_pixel_size
+        µm per pixel of the slide read (needs ``pixel_size``); default as above.
+    min_saturation
+        Lowest threshold (0–1).
+    min_value
+        Pixels whose value (brightest channel, 0–1) is at most this do not enter the threshold.
+
+    Returns
+    -------
+    The saturation threshold in ``[min_saturation, 0.25]``, or ``inf`` when the slide has no bright pixel.
+
+    Raises
+    ------
+    ValueError
+        If an argument is out of range or the image is not an RGB ``(c, y, x)`` image (a one-channel grey
+        image has no saturation: tissue cannot be told from glass by colour).
+    TypeError
+        If ``image`` is not an image element.
+    """
+    if pixel_size is not None and not (np.isfinite(pixel_size) and pixel_size > 0):
+        raise ValueError(f"`pixel_size` must be a positive number of µm per pixel, got {pixel_size!r}.")
+    _check_threshold_args(min_saturation, min_value)
+    sat, value, _, _ = _slide_saturation(image, pixel_size, target_pixel_size)
+    return _otsu_threshold(sat[value > min_value], min_saturation)
+
+
+def tissue_fraction(
+    crops: np.ndarray,
+    *,
+    threshold: float | None = None,
+    min_saturation: float = MIN_SATURATION,
+    min_value: float = MIN_VALUE,
+    max_value: float = 1.0,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """Fraction of the pixels of each crop that are stained tissue, by the slide's saturation threshold.
+
+    The rule of :func:`tissue_mask`, on the crops' own pixels: on each crop slightly blurred (Gaussian,
+    σ = 1 pixel), a pixel is tissue when its HSV saturation ``(max - min) / max`` of RGB exceeds
+    ``threshold`` (white or tinted glass and white padding stay below it) and its value ``max / 255`` lies
+    in ``(min_value, max_value]`` (black padding and dark debris are excluded).
+
+    Parameters
+    ----------
+    crops
+        ``(n, h, w, 3)`` uint8 RGB crops (numpy or memmap; processed in batches).
+    threshold
+        Saturation threshold of the slide, from :func:`tissue_threshold` (computed once per slide; this is
+        what :func:`hyperst.pp.image_features` and :func:`hyperst.pp.crops` do). ``None``: Otsu's threshold
+        of these crops' pixels (kept within ``[min_saturation, 0.25]``), which suits a set of crops that
+        samples a whole slide. ``nan`` gives ``nan`` fractions (e.g. a grey image, whose tissue cannot be
+        told by colour).
+    min_saturation
+        Lowest threshold when ``threshold`` is ``None`` (0–1).
+    min_value
+        Pixels with value ``<=`` this are not tissue (0–1).
+    max_value
+        Pixels with value above this are not tissue (0–1; 1 disables the test).
+    batch_size
+        Crops processed at once.
+
+    Returns
+    -------
+    ``(n,)`` float32 fractions in ``[0, 1]``.
+
+    Raises
+    ------
+    ValueError
+        If ``crops`` is not ``(n, h, w, 3)`` uint8 or an argument is out of range.
+    """
+    if crops.ndim != 4 or crops.shape[-1] != 3 or np.dtype(crops.dtype) != np.uint8:
+        raise ValueError(f"`crops` must be (n, h, w, 3) uint8 RGB, got {crops.dtype} {tuple(crops.shape)}.")
+    _check_threshold_args(min_saturation, min_value)
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float | np.number)):
+        raise ValueError(f"`threshold` must be a number (a saturation in [0, 1]) or None, got {threshold!r}.")
+    n = crops.shape[0]
+    if threshold is not None and np.isnan(threshold):
+        return np.full(n, np.nan, dtype=np.float32)
+    if threshold is None:
+        stride = max(1, int(np.ceil(n * crops.shape[1] * crops.shape[2] / _MAX_OTSU_SAMPLES)))
+        samples = []
+        for s in range(0, n, batch_size):
+            sat, value = _crop_saturation(crops[s : s + batch_size])
+            sat, value = sat.ravel()[::stride], value.ravel()[::stride]
+            samples.append(sat[value > min_value])
+        threshold = _otsu_threshold(np.concatenate(samples) if samples else np.zeros(0), min_saturation)
+    out = np.zeros(n, dtype=np.float32)
+    for s in range(0, n, batch_size):
+        sat, value = _crop_saturation(crops[s : s + batch_size])
+        tissue = (sat > threshold) & (value > min_value) & (value <= max_value)
+        out[s : s + batch_size] = tissue.mean(axis=(1, 2))
+    return out
 
 
 def _disk(radius: int) -> np.ndarray:
@@ -169,8 +314,8 @@ def tissue_mask(
     pixel_size: float,
     target_pixel_size: float | None = None,
     method: Literal["otsu", "fixed"] = "otsu",
-    min_saturation: float = 0.05,
-    min_value: float = 0.1,
+    min_saturation: float = MIN_SATURATION,
+    min_value: float = MIN_VALUE,
     min_object_area: float = 2500.0,
     max_hole_area: float = 10000.0,
 ) -> tuple[np.ndarray, float]:
@@ -181,10 +326,11 @@ def tissue_mask(
     is never loaded. On that image, slightly blurred (Gaussian, σ = 1 pixel), a pixel is tissue when its
     HSV saturation ``(max - min) / max`` of RGB exceeds a threshold and its value ``max`` exceeds
     ``min_value`` (near-black padding and scanner borders are not tissue). With ``method="otsu"`` the
-    threshold is Otsu's on the saturation of the non-black pixels, kept within ``[min_saturation, 0.25]``
-    (a blank slide gives no tissue; a slide that is all tissue is not split in two); with
-    ``method="fixed"`` it is ``min_saturation``. Gaps of about 10 µm are then closed, objects smaller than
-    ``min_object_area`` removed and holes smaller than ``max_hole_area`` filled.
+    threshold is :func:`tissue_threshold` (:func:`skimage.filters.threshold_otsu` of the saturation of the
+    non-black pixels, kept within ``[min_saturation, 0.25]``: a blank slide gives no tissue, a slide that
+    is all tissue is not split in two); with ``method="fixed"`` it is ``min_saturation``. Gaps of about
+    10 µm are then closed, objects smaller than ``min_object_area`` removed and holes smaller than
+    ``max_hole_area`` filled.
 
     Parameters
     ----------
@@ -226,32 +372,17 @@ def tissue_mask(
         raise ValueError(f"`target_pixel_size` must be a positive number of µm per pixel, got {target_pixel_size!r}.")
     if method not in ("otsu", "fixed"):
         raise ValueError(f"`method={method!r}` must be 'otsu' or 'fixed'.")
-    for name, value in (("min_saturation", min_saturation), ("min_value", min_value)):
-        if not 0 <= value < 1:
-            raise ValueError(f"`{name}` must lie in [0, 1), got {value!r}.")
+    _check_threshold_args(min_saturation, min_value)
     for name, value in (("min_object_area", min_object_area), ("max_hole_area", max_hole_area)):
         if not (np.isfinite(value) and value >= 0):
             raise ValueError(f"`{name}` must be a non-negative area in µm², got {value!r}.")
 
-    levels = _levels(image)
-    shape0 = (int(levels[0].sizes["y"]), int(levels[0].sizes["x"]))
-    if target_pixel_size is None:
-        rgb, scale, level = _downsampled_rgb(image, _default_factor(shape0, pixel_size), at_least=True)
-    else:
-        rgb, scale, level = _downsampled_rgb(image, max(1.0, target_pixel_size / pixel_size), at_least=False)
+    sat, value, scale, level = _slide_saturation(image, pixel_size, target_pixel_size)
     mask_px = scale * pixel_size  # µm per mask pixel
-
-    blurred = ndimage.gaussian_filter(rgb, sigma=(1.0, 1.0, 0.0), mode="nearest")
-    mx = blurred.max(axis=-1)
-    mn = blurred.min(axis=-1)
-    sat = (mx - mn) / np.maximum(mx, 1e-6)
-    bright = mx > min_value
+    bright = value > min_value
+    threshold = _otsu_threshold(sat[bright], min_saturation) if method == "otsu" else min_saturation
     if not bright.any():
         threshold = np.inf
-    elif method == "otsu":
-        threshold = float(np.clip(_otsu(sat[bright]), min_saturation, max(min_saturation, _MAX_SATURATION_THRESHOLD)))
-    else:
-        threshold = min_saturation
     mask = bright & (sat > threshold)
     mask = _clean(
         mask,
@@ -371,11 +502,11 @@ def grid_spots(
     if image_key is None:
         if len(sdata.images) != 1:
             raise ValueError(
-                f"`sdata` has {len(sdata.images)} images {_names(sdata.images)}: pass `image_key` (the H&E image)."
+                f"`sdata` has {len(sdata.images)} images {sorted(sdata.images)}: pass `image_key` (the H&E image)."
             )
         image_key = next(iter(sdata.images.keys()))
     if image_key not in sdata.images:
-        raise ValueError(f"`image_key={image_key!r}` is not an image of `sdata`; images: {_names(sdata.images)}.")
+        raise ValueError(f"`image_key={image_key!r}` is not an image of `sdata`; images: {sorted(sdata.images)}.")
     if shapes_key in sdata.shapes and not overwrite:
         raise ValueError(
             f"`sdata` already has a shapes element {shapes_key!r}: pass another `shapes_key` or `overwrite=True`."
@@ -393,9 +524,8 @@ def grid_spots(
         transforms = {coordinate_system: transforms[coordinate_system]}
     transforms = {cs: copy.deepcopy(t) for cs, t in transforms.items()}
 
-    level0 = _level0(image)
-    h0, w0 = int(level0.sizes["y"]), int(level0.sizes["x"])
-    window_um = max(_MIN_WINDOW_UM, float(spot_diameter))
+    h0, w0 = image_shape(image)
+    window_um = max(MIN_SPOT_WINDOW_UM, float(spot_diameter))
     if target_pixel_size is None:
         target_pixel_size = min(_default_factor((h0, w0), pixel_size) * pixel_size, window_um / 8)
     mask, scale = tissue_mask(image, pixel_size=pixel_size, target_pixel_size=target_pixel_size)
