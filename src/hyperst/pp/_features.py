@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,16 +15,13 @@ import torch
 
 from hyperst._constants import Key
 from hyperst._logging import logger
+from hyperst.data._cache import CropCache
 from hyperst.pp._backbone import BackboneSpec, extract_features, load_backbone, resolve_backbone_spec
-from hyperst.pp._crops import (
-    CropCache,
-    CropGeometry,
-    centers_hash,
-    image_fingerprint,
-    iter_crops,
-    tissue_fraction,
-)
+from hyperst.pp._crops import centers_hash, iter_crops
+from hyperst.pp._layout import CropGeometry
+from hyperst.pp._pyramid import ImagePyramid, image_fingerprint
 from hyperst.pp._spots import SampleSpots, resolve_spots, spot_table
+from hyperst.pp._tissue import tissue_fraction, tissue_threshold
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -32,7 +32,7 @@ __all__ = ["SampleCrops", "crop_geometry", "crops", "image_features"]
 
 @dataclass
 class SampleCrops:
-    """Spot and niche crops of one sample (uint8 ``(n, s, s, 3)``, possibly memory-mapped from the cache).
+    """Spot and niche crops of one sample: uint8 ``(n, s, s, 3)`` arrays memory-mapped from the on-disk cache.
 
     Attributes
     ----------
@@ -45,7 +45,8 @@ class SampleCrops:
     pad_fraction
         Share of each spot window outside the image.
     tissue_fraction
-        Share of each spot crop that is stained tissue.
+        Share of each spot crop that is stained tissue (:func:`hyperst.pp.tissue_fraction` with the
+        slide's :func:`hyperst.pp.tissue_threshold`).
     """
 
     spots: SampleSpots
@@ -97,23 +98,59 @@ def _ensure_table(sdata: SpatialData, table_key: str | None, shapes_key: str | S
         logger.info(f"added table {Key.TABLE_NAME!r} annotating the spots (no measurements)")
 
 
-def _crop_arrays(
-    image: Any, s: SampleSpots, geometry: CropGeometry, *, batch_size: int, progress: bool
-) -> dict[str, np.ndarray]:
+#: version of the tissue rule stored in cache keys (entries with another rule are recomputed)
+_TISSUE_RULE = "otsu-per-slide-1"
+
+
+def _slide_threshold(image: Any, s: SampleSpots) -> float:
+    """The slide's tissue saturation threshold; ``nan`` (with a warning) for a one-channel grey image."""
+    if ImagePyramid(image).n_channels < 3:
+        logger.warning(f"{s.sample}: image `{s.image_key}` is grey (one channel): tissue fraction is NaN")
+        return float("nan")
+    return tissue_threshold(image, pixel_size=s.pixel_size)
+
+
+def _write_crops(
+    image: Any, s: SampleSpots, geometry: CropGeometry, cache: CropCache, *, batch_size: int, progress: bool
+) -> None:
+    """Cut the spot and niche crops of a sample batch by batch into the staging entry of ``cache``, then commit.
+
+    At most one batch of crops (plus the regions of :func:`iter_crops`) is in memory at a time.
+    """
+    threshold = _slide_threshold(image, s)
     spot_side, niche_side = geometry.sides_px(s.pixel_size)
-    out: dict[str, np.ndarray] = {}
     n, size = s.n_spots, geometry.out_size
-    for name, side in (("spot", spot_side), ("niche", niche_side)):
-        arr = np.empty((n, size, size, 3), dtype=np.uint8)
-        pad = np.empty(n, dtype=np.float32)
-        for batch in iter_crops(image, s.centers_px, side, out_size=size, batch_size=batch_size, progress=progress):
-            arr[batch.index] = batch.crops
-            pad[batch.index] = batch.pad_fraction
-        out[name] = arr
-        if name == "spot":
-            out["pad"] = pad
-    out["tissue"] = tissue_fraction(out["spot"])
-    return out
+    pad = np.zeros(n, dtype=np.float32)
+    tissue = np.zeros(n, dtype=np.float32)
+    try:
+        for name, side in (("spot", spot_side), ("niche", niche_side)):
+            with cache.writer(name, (n, size, size, 3), np.uint8) as writer:
+                for batch in iter_crops(image, s.centers_px, side, out_size=size, batch_size=batch_size,
+                                        progress=progress):
+                    writer.write(batch.index, batch.crops)
+                    if name == "spot":
+                        pad[batch.index] = batch.pad_fraction
+                        tissue[batch.index] = tissue_fraction(batch.crops, threshold=threshold)
+        cache.save(pad=pad, tissue=tissue)  # commits the staged crops with them
+    except BaseException:
+        cache.clear()
+        raise
+
+
+class _TemporaryEntry:
+    """Owns a temporary cache directory; deletes it when the last array mapped from it is garbage collected."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(path), ignore_errors=True)
+
+
+def _load_temporary(cache: CropCache, owner: _TemporaryEntry) -> dict[str, np.ndarray]:
+    arrays = cache.load()
+    assert arrays is not None
+    for arr in arrays.values():
+        arr._hyperst_owner = owner  # type: ignore[attr-defined]  # keeps the directory while the array lives
+    return arrays
 
 
 def crops(
@@ -146,8 +183,9 @@ def crops(
     image_key, shapes_key, table_key, coordinate_system, pixel_size, spot_diameter, pitch
         Passed to :func:`resolve_spots`.
     cache_dir
-        Directory of an on-disk uint8 cache keyed by crop geometry, image and spot centres; crops are
-        then memory-mapped from it.
+        Directory of an on-disk uint8 cache (:class:`hyperst.data.CropCache`) keyed by crop geometry, image,
+        spot centres and pixel size: crops found there are not recomputed. Default: a temporary directory,
+        deleted when the returned arrays are garbage collected (or at exit).
     batch_size
         Crops per read/resample batch.
     progress
@@ -155,7 +193,8 @@ def crops(
 
     Returns
     -------
-    One :class:`SampleCrops` per sample.
+    One :class:`SampleCrops` per sample. Crops are written to disk batch by batch and the arrays are
+    memory-mapped read-only from there, so memory does not grow with the number of spots.
     """
     spots = resolve_spots(
         sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key, coordinate_system=coordinate_system,
@@ -165,18 +204,22 @@ def crops(
     out = []
     for s in spots:
         image = sdata.images[s.image_key]
-        arrays = None
-        cache = None
+        key = CropCache.make_key(geom, image_fingerprint(image), s.centers_px, pixel_size=s.pixel_size,
+                                 tissue=_TISSUE_RULE)
         if cache_dir is not None:
-            key = CropCache.make_key(geom, image_fingerprint(image), s.centers_px, pixel_size=s.pixel_size)
             cache = CropCache(cache_dir, key)
             arrays = cache.load()
             if arrays is not None:
                 logger.info(f"{s.sample}: crops loaded from cache {cache.path}")
-        if arrays is None:
-            arrays = _crop_arrays(image, s, geom, batch_size=batch_size, progress=progress)
-            if cache is not None:
-                cache.save(**arrays)
+            else:
+                _write_crops(image, s, geom, cache, batch_size=batch_size, progress=progress)
+                arrays = cache.load()
+                assert arrays is not None
+        else:
+            owner = _TemporaryEntry(Path(tempfile.mkdtemp(prefix="hyperst-crops-")))
+            cache = CropCache(owner.path, key)
+            _write_crops(image, s, geom, cache, batch_size=batch_size, progress=progress)
+            arrays = _load_temporary(cache, owner)
         out.append(SampleCrops(s, geom, arrays["spot"], arrays["niche"], arrays["pad"], arrays["tissue"]))
     return out
 
@@ -312,17 +355,18 @@ def image_features(
         if s.table_rows is None:
             raise ValueError(f"Spots `{s.shapes_key}` have no rows in table `{tkey}`.")
         image = sdata.images[s.image_key]
+        threshold = _slide_threshold(image, s) if sc is None else None
         for name, side in zip(("spot", "niche"), geom.sides_px(s.pixel_size), strict=True):
             logger.info(f"{s.sample}: {name} features for {s.n_spots} spots")
-            seen: list[_Seen] = []
-            stream = _stream(image, s, side, geom, batch_size, sc, name, seen)
+            seen: list[_Seen] = []  # rows, pad and tissue fraction of each batch, never the crops
+            stream = _stream(image, s, side, geom, batch_size, sc, name, threshold, seen)
             f = extract_features(model, stream, device=device, batch_size=batch_size, n_total=s.n_spots,
                                  progress=progress)
             target = s.table_rows[np.concatenate([b.index for b in seen])]
             feats.setdefault(name, np.zeros((table.n_obs, f.shape[1]), dtype=np.float32))[target] = f
             if name == "spot":
                 pad[target] = np.concatenate([b.pad for b in seen])
-                tissue[target] = np.concatenate([tissue_fraction(b.crops) for b in seen])
+                tissue[target] = np.concatenate([b.tissue for b in seen])
                 covered[target] = True
     if not covered.all():
         logger.warning(f"{int((~covered).sum())} table rows have no spot: their features are zero")
@@ -354,7 +398,7 @@ def _adapter_digest(module: torch.nn.Module) -> str:
 class _Seen(NamedTuple):
     index: np.ndarray
     pad: np.ndarray
-    crops: np.ndarray
+    tissue: np.ndarray
 
 
 def _stream(
@@ -365,17 +409,26 @@ def _stream(
     batch_size: int,
     cached: SampleCrops | None,
     name: str,
+    threshold: float | None,
     seen: list[_Seen],
 ) -> Iterator[np.ndarray]:
-    """Yield crop batches for the backbone, recording their rows (and pad fraction) in ``seen``."""
+    """Yield crop batches for the backbone, recording their rows, pad and tissue fractions in ``seen``.
+
+    Only these per-spot numbers are kept: each batch of crops is dropped once the backbone has seen it.
+    The tissue fraction is computed for the spot stream only (``nan`` placeholders for the niche stream).
+    """
     if cached is not None:
         arr = cached.spot if name == "spot" else cached.niche
         for start in range(0, len(arr), batch_size):
             idx = np.arange(start, min(start + batch_size, len(arr)))
-            batch = np.asarray(arr[idx])
-            seen.append(_Seen(idx, np.asarray(cached.pad_fraction[idx]), batch))
-            yield batch
+            seen.append(_Seen(idx, np.asarray(cached.pad_fraction[idx]), np.asarray(cached.tissue_fraction[idx])))
+            yield np.array(arr[start : start + len(idx)])  # a writable copy of one batch
         return
     for b in iter_crops(image, s.centers_px, side, out_size=geom.out_size, batch_size=batch_size):
-        seen.append(_Seen(b.index, b.pad_fraction, b.crops))
+        if name == "spot":
+            assert threshold is not None
+            frac = tissue_fraction(b.crops, threshold=threshold)
+        else:
+            frac = np.full(len(b.index), np.nan, dtype=np.float32)
+        seen.append(_Seen(b.index, b.pad_fraction, frac))
         yield b.crops
