@@ -27,6 +27,7 @@ from scipy import sparse
 
 from hyperst._constants import Key
 from hyperst._logging import logger
+from hyperst._utils import spot_pitch
 from hyperst.datasets._utils import (
     combine_genes,
     image_key,
@@ -38,6 +39,8 @@ from hyperst.datasets._utils import (
     spot_metadata,
     spots_key,
 )
+from hyperst.pp._layout import layout_defaults
+from hyperst.pp._pyramid import image_shape
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -47,8 +50,6 @@ __all__ = ["hest", "read_wsi"]
 
 #: HEST-1k sub-folders and file suffixes read for each sample.
 _PARTS: dict[str, tuple[str, str]] = {"wsi": ("wsis", ".tif"), "st": ("st", ".h5ad"), "metadata": ("metadata", ".json")}
-#: Physical spot geometry (spot diameter, pitch in µm) per technology, used when the metadata lacks it.
-_DEFAULTS: dict[str, tuple[float, float]] = {"visium": (55.0, 100.0), "st": (100.0, 200.0)}
 #: Smallest side (px) of the coarsest level built when a slide has no pyramid of its own.
 _MIN_LEVEL_SIZE = 256
 _MAX_EXTRA_LEVELS = 5
@@ -208,13 +209,8 @@ def _positive(value: Any) -> float | None:
 
 
 def _median_spacing(xy: np.ndarray) -> float | None:
-    """Median nearest-neighbour distance of spot centres (``None`` with fewer than two spots)."""
-    if len(xy) < 2:
-        return None
-    from scipy.spatial import cKDTree
-
-    dist, _ = cKDTree(xy).query(xy, k=2)
-    d = float(np.median(dist[:, 1]))
+    """Lattice pitch of spot centres (:func:`hyperst._utils.spot_pitch`; ``None`` with fewer than two spots)."""
+    d = spot_pitch(xy)
     return d if np.isfinite(d) and d > 0 else None
 
 
@@ -252,10 +248,10 @@ def _spot_geometry(
     spacing_px = _median_spacing(centres_px)
     spacing_um = None if spacing_px is None else spacing_px * pixel_size
     if tech == "visium" or tech.startswith("visium v") or tech.startswith("visium cytassist"):
-        default_d, default_p = _DEFAULTS["visium"]
+        default_d, default_p = layout_defaults("visium")
         return "visium", diameter or default_d, pitch or default_p
     if tech in ("spatial transcriptomics", "st", "legacy st"):
-        default_d, default_p = _DEFAULTS["st"]
+        default_d, default_p = layout_defaults("st")
         return "st", diameter or default_d, pitch or default_p
     if tech in ("visium hd", "xenium"):
         # HEST pools these into square pseudo-spots on a square grid (``st/`` holds the pooled bins); the
@@ -433,7 +429,6 @@ def hest(
     """
     from anndata import AnnData
     from spatialdata import SpatialData
-    from xarray import DataTree
 
     if genes not in ("intersection", "union"):
         raise ValueError(f"`genes={genes!r}` must be 'intersection' or 'union'.")
@@ -459,8 +454,7 @@ def hest(
         pixel_size = _pixel_size(meta, tiff_pixel_size, s, meta_file)
         layout, diameter, pitch = _spot_geometry(meta, centres, pixel_size, s)
 
-        level0 = image["scale0"]["image"] if isinstance(image, DataTree) else image
-        height, width = int(level0.sizes["y"]), int(level0.sizes["x"])
+        height, width = image_shape(image)
         outside = (centres[:, 0] < 0) | (centres[:, 0] >= width) | (centres[:, 1] < 0) | (centres[:, 1] >= height)
         if outside.any():
             logger.warning(f"{s}: {int(outside.sum())} spot centres lie outside the {width}×{height} WSI.")

@@ -35,6 +35,8 @@ from hyperst.datasets._utils import (
     spot_metadata,
     spots_key,
 )
+from hyperst.pp._layout import layout_defaults
+from hyperst.pp._pyramid import level0 as level0_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -43,8 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["legacy", "visium", "visium_pixel_size"]
 
 #: Physical geometry of Visium arrays (µm).
-VISIUM_SPOT_DIAMETER = 55.0
-VISIUM_PITCH = 100.0
+VISIUM_SPOT_DIAMETER, VISIUM_PITCH = layout_defaults("visium")
 #: Diameter (µm) of the "theoretical spot" that Space Ranger's ``spot_diameter_fullres`` spans.
 SPACERANGER_SPOT_DIAMETER = 65.0
 #: Relative disagreement between the grid fit and ``spot_diameter_fullres`` above which a warning is logged.
@@ -141,9 +142,8 @@ def _rgb_uint8_array(image: np.ndarray, name: str) -> np.ndarray:
 def _rgb_element(element: Any, name: str) -> Any:
     """The image element restricted to its first three channels; refuses non-uint8 pixels."""
     from spatialdata.models import Image2DModel
-    from xarray import DataTree
 
-    level0 = element["scale0"]["image"] if isinstance(element, DataTree) else element
+    level0 = level0_of(element)
     n_channels = int(level0.sizes["c"])
     if n_channels not in (3, 4):
         raise ValueError(f"Image {name!r} has {n_channels} channels; hyperst needs an RGB H&E image.")
