@@ -93,7 +93,7 @@ def report(results: dict, info: dict, command: str) -> str:
     """The Markdown block of ``docs/benchmarks.md``."""
     import pandas as pd
 
-    from hyperst.tl._benchmark import best_baseline, compare_markdown
+    from hyperst.tl._benchmark_report import best_baseline, compare_markdown
 
     raw = results["raw"]
     m = info["machine"]
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 
     matplotlib.use("Agg")
     import hyperst as hst
-    from hyperst.tl._benchmark import BenchmarkResult
+    from hyperst.tl import BenchmarkResult
 
     out = Path(args.out)
     data = Path(args.data)

@@ -10,13 +10,9 @@ from scipy import stats
 
 import hyperst as hst
 import hyperst.tl._fit as fit_module
-from hyperst.tl._benchmark import (
-    RIDGE_ALPHAS,
-    BenchmarkResult,
-    _validation_groups,
-    best_baseline,
-    compare_markdown,
-)
+from hyperst.tl._benchmark import _validation_groups
+from hyperst.tl._benchmark_methods import RIDGE_ALPHAS
+from hyperst.tl._benchmark_report import BenchmarkResult, best_baseline, compare_markdown
 
 N_GENES, DIM = 12, 16
 GENES = [f"G{i}" for i in range(N_GENES)]

@@ -274,7 +274,8 @@ def _benchmark(args: argparse.Namespace) -> int:
 
     matplotlib.use("Agg")
     import hyperst as hst
-    from hyperst.tl._benchmark import DEFAULT_FIT_KWARGS, compare_markdown
+    from hyperst.tl._benchmark import DEFAULT_FIT_KWARGS
+    from hyperst.tl._benchmark_report import compare_markdown
 
     table = _benchmark_data(args)
     gene_sets = None
