@@ -12,7 +12,8 @@ from matplotlib.collections import EllipseCollection
 from matplotlib.colors import Normalize
 
 from hyperst._constants import Key
-from hyperst.pl._utils import align, as_list, doc_figure, finish, observed, pearson, prediction
+from hyperst._utils import pearson_per_gene
+from hyperst.pl._utils import align, as_list, doc_figure, finish, observed, prediction
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -216,7 +217,7 @@ def spatial(
     diameter = diameter * scale_factor
     pred = pred[mask]
     obs = obs[mask] if obs is not None else None
-    r = pearson(obs, pred) if obs is not None else None
+    r = pearson_per_gene(obs, pred) if obs is not None else None
 
     n_per_gene = 2 if obs is not None else 1
     ncols = min(ncols, len(genes))
@@ -318,7 +319,7 @@ def scatter(
             "on a table that holds the genes' counts."
         )
     p, o = pred[:, 0], obs[:, 0]
-    r = float(pearson(o[:, None], p[:, None])[0])
+    r = float(pearson_per_gene(o[:, None], p[:, None])[0])
     ax_given = ax is not None
     if ax is None:
         _, ax = plt.subplots(figsize=(4.2, 4.0), layout="constrained")

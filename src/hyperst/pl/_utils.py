@@ -211,16 +211,6 @@ def align(truth: AnnData, adata_pred: AnnData) -> AnnData:
     )
 
 
-def pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Column-wise Pearson r (0 where either side is constant, as in :func:`hyperst.tl.evaluate`)."""
-    ac = a - a.mean(0)
-    bc = b - b.mean(0)
-    den = np.sqrt((ac * ac).sum(0) * (bc * bc).sum(0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = (ac * bc).sum(0) / den
-    return np.clip(np.where(np.isfinite(r), r, 0.0), -1.0, 1.0)
-
-
 # ---------------------------------------------------------------------------------------------- embeddings
 def embedding_keys(adata: AnnData, keys: str | Sequence[str]) -> list[str]:
     """Resolve ``keys`` (``"auto"``: the HyperST embeddings present) and check they exist and match."""

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from hyperst._constants import Key
+from hyperst._utils import pearson_per_gene
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -18,37 +19,6 @@ __all__ = ["Evaluation", "evaluate", "pcc_at_k", "pearson_per_gene"]
 
 POOLED = "pooled"
 SLIDE_MEAN = "mean_over_slides"
-
-
-def pearson_per_gene(truth: np.ndarray, prediction: np.ndarray) -> np.ndarray:
-    """Pearson correlation of every column of ``truth`` with the same column of ``prediction``.
-
-    Genes with zero variance on either side get ``r = 0`` (the reference replaces NaN by 0).
-
-    Parameters
-    ----------
-    truth, prediction
-        ``(n_spots, n_genes)`` arrays.
-
-    Returns
-    -------
-    ``(n_genes,)`` float64 array.
-    """
-    t = np.asarray(truth, dtype=np.float64)
-    p = np.asarray(prediction, dtype=np.float64)
-    if t.shape != p.shape or t.ndim != 2:
-        raise ValueError(f"`truth` and `prediction` must be 2-d of the same shape, got {t.shape} and {p.shape}.")
-    tm, pm = t.mean(axis=0), p.mean(axis=0)
-    tc, pc = t - tm, p - pm
-    num = (tc * pc).sum(axis=0)
-    tss, pss = (tc * tc).sum(axis=0), (pc * pc).sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = num / np.sqrt(tss * pss)
-    # constant columns (up to rounding: a tiled mean is not bit-exactly constant) have no correlation
-    n = max(len(t), 1)
-    constant = (tss <= n * (1e-12 * (1 + np.abs(tm))) ** 2) | (pss <= n * (1e-12 * (1 + np.abs(pm))) ** 2)
-    r[constant | ~np.isfinite(r)] = 0.0
-    return np.clip(r, -1.0, 1.0)
 
 
 def pcc_at_k(r: np.ndarray, k: int) -> float:
