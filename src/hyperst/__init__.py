@@ -7,7 +7,8 @@ Use it as ``import hyperst as hst``. Sub-packages follow the scverse layout:
 - :mod:`hyperst.pl`: plotting,
 - :mod:`hyperst.datasets`: readers and synthetic data,
 - :mod:`hyperst.geometry`: Lorentz-model hyperbolic geometry,
-- :mod:`hyperst.nn`: the HyperST network, its configuration and losses.
+- :mod:`hyperst.nn`: the HyperST network, its configuration and losses,
+- :mod:`hyperst.data`: the torch side of the data path (datasets, crop cache, splitter, data modules).
 
 Heavy dependencies (torch, spatialdata, squidpy, timm) are imported lazily, on first use of the
 sub-package that needs them, so ``import hyperst`` stays fast.
@@ -22,11 +23,11 @@ from hyperst._logging import settings
 from hyperst._version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
-    from hyperst import datasets, geometry, nn, pl, pp, tl
+    from hyperst import data, datasets, geometry, nn, pl, pp, tl
 
-_SUBMODULES = ("datasets", "geometry", "nn", "pl", "pp", "tl")
+_SUBMODULES = ("data", "datasets", "geometry", "nn", "pl", "pp", "tl")
 
-__all__ = ["__version__", "datasets", "geometry", "nn", "pl", "pp", "settings", "tl"]
+__all__ = ["__version__", "data", "datasets", "geometry", "nn", "pl", "pp", "settings", "tl"]
 
 
 def __getattr__(name: str) -> Any:

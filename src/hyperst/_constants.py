@@ -90,7 +90,6 @@ class Key:
     UNS_NICHES: Final[str] = "niches"
     UNS_GENES: Final[str] = "genes"
     UNS_FEATURES: Final[str] = "features"
-    UNS_CROPS: Final[str] = "crops"
     UNS_FIT: Final[str] = "fit"  # training parameters and history written by hst.tl.fit
     UNS_PREDICT: Final[str] = "predict"  # provenance written by hst.tl.predict
     ATTRS_GRID: Final[str] = "grid"  # shapes.attrs["hyperst"]["grid"]: parameters of hst.pp.grid_spots

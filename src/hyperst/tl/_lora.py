@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LoraSpec", "add_lora", "lora_state_dict"]
+__all__ = ["LoraSpec", "ResizeTo", "add_lora"]
 
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 
@@ -117,11 +117,6 @@ def add_lora(backbone: nn.Module, spec: LoraSpec | None = None) -> LoraSpec:
     return spec
 
 
-def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights of ``module`` (entries whose name contains ``lora_``), on CPU."""
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items() if "lora_" in k}
-
-
 class ResizeTo(nn.Module):
     """Resize normalised crops to the backbone's input size (bilinear, antialiased) before it runs."""
 
@@ -135,7 +130,3 @@ class ResizeTo(nn.Module):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         return self.backbone(x)
 
-
-def trainable_names(module: nn.Module) -> Sequence[str]:
-    """Names of the trainable parameters (for checks and logs)."""
-    return [n for n, p in module.named_parameters() if p.requires_grad]

@@ -1,45 +1,48 @@
-"""The user-facing HyperST model: network + everything needed to predict, with save/load."""
+"""The user-facing HyperST model: it owns its life cycle (setup → train → predict/embeddings → save/load).
+
+The pieces it drives live in their own rooms: data registration (:mod:`hyperst.tl._setup`), the data
+modules and splitter (:mod:`hyperst.data`), the network (:mod:`hyperst.nn`), the training plan and runner
+(:mod:`hyperst.tl._train`), prediction on tables and SpatialData (:mod:`hyperst.tl._predict`) and model
+folders (:mod:`hyperst.tl._io`).
+"""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
 from hyperst._logging import logger
-from hyperst._utils import jsonable
-from hyperst._version import __version__
+from hyperst._utils import jsonable, resolve_device
 from hyperst.nn import HyperSTConfig, HyperSTNetwork, ImageHyperST
 from hyperst.tl._lora import LoraSpec
+from hyperst.tl._options import DataOptions, ImageOptions, TrainerOptions, TrainOptions
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+
+    from hyperst.data import FeatureData, SpotDataModule
+    from hyperst.tl._setup import TrainingData
 
 __all__ = ["HyperST"]
 
-CONFIG_FILE = "hyperst.json"
-WEIGHTS_FILE = "weights.pt"
-BACKBONE_FILE = "backbone.pt"
-FORMAT_VERSION = 1
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU; anything else is passed to :class:`torch.device`."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"`device={device!r}` but CUDA is not available on this machine; use 'cpu' or 'auto'.")
-    return dev
-
 
 class HyperST:
-    """A trained (or trainable) HyperST model with everything needed to predict.
+    """HyperST: the user-facing model, from data registration to training, prediction and save/load.
 
-    Created by :func:`hyperst.tl.fit` or :meth:`load`; used by :func:`hyperst.tl.predict`.
+    The life cycle (scvi-tools style)::
+
+        model = hst.tl.HyperST.setup(adata, genes=genes, config={"emb_dim": 256})  # register + build
+        model.train(hst.tl.TrainOptions(max_epochs=100, lr=1e-3))                    # Lightning
+        pred = model.predict(test_adata)                                              # AnnData
+        emb = model.get_embeddings()                                                  # stream -> array
+        model.save("model/"); model = hst.tl.HyperST.load("model/")
+
+    :func:`hyperst.tl.fit` and :func:`hyperst.tl.predict` are thin wrappers over these verbs. The
+    constructor builds an (untrained) model from a configuration; :meth:`setup` builds one from data.
 
     Parameters
     ----------
@@ -101,6 +104,11 @@ class HyperST:
         self.lora = lora
         self.history = [dict(h) for h in (history or [])]
         self.training = dict(training or {})
+        #: registered training data (:meth:`setup`); ``None`` for models built from a configuration or loaded
+        self.registered: TrainingData | None = None
+        self.data_options = DataOptions()
+        self.image_options = ImageOptions()
+        self.preset = str(self.training.get("preset", "custom"))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -120,7 +128,7 @@ class HyperST:
 
     def crop_features(self, crops: np.ndarray, *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """Features of uint8 crops ``(n, s, s, 3)`` from the fine-tuned backbone (LoRA models only)."""
-        from hyperst.pp._backbone import extract_features
+        from hyperst.pp import extract_features
 
         if self.image_backbone is None:
             raise ValueError("This model was trained on frozen features: compute them with `hst.pp.image_features`.")
@@ -210,27 +218,271 @@ class HyperST:
             radius = x.norm(dim=-1)
         return torch.tanh(radius).numpy()
 
+
+    # ------------------------------------------------------------------ life cycle
+    @classmethod
+    def setup(
+        cls,
+        data: Any,
+        *,
+        mode: Literal["frozen", "lora"] = "frozen",
+        genes: Sequence[str] | None = None,
+        preset: str = "hyperst",
+        config: Mapping[str, Any] | None = None,
+        options: DataOptions | None = None,
+        image: ImageOptions | None = None,
+        seed: int = 42,
+        device: str = "auto",
+        progress: bool = True,
+    ) -> HyperST:
+        """Register training data and build an untrained model for it.
+
+        Reads the training tables, genes, targets and image inputs (frozen features, computed for
+        SpatialData that lack them, or LoRA crops), then builds the network (and, for LoRA, the backbone
+        with adapters) seeded with ``seed``. Only missing image features are written to ``data``.
+
+        Parameters
+        ----------
+        data
+            One AnnData/SpatialData or a list of them (``"lora"`` needs SpatialData).
+        mode
+            ``"frozen"`` (backbone features, heads train) or ``"lora"`` (end to end with adapters).
+        genes
+            Genes to predict (default: ``.var["hyperst_selected"]`` of the first table, else HMHVG).
+        preset, config
+            Model variant (:data:`hyperst.nn.PRESETS`) and overrides of :class:`hyperst.nn.HyperSTConfig`.
+        options
+            Which spots and values to train on (:class:`~hyperst.tl.DataOptions`).
+        image
+            Backbone, LoRA and crop settings (:class:`~hyperst.tl.ImageOptions`).
+        seed
+            Seed of the initialisation.
+        device
+            Device for image features computed here.
+        progress
+            Show progress bars.
+
+        Returns
+        -------
+        An untrained model that knows its training data; call :meth:`train` next.
+        """
+        from hyperst.tl._setup import register
+
+        options = options or DataOptions()
+        image = image or ImageOptions()
+        probe = HyperSTConfig.from_preset(preset, n_genes=1, image_dim=1, **(config or {}))
+        reg = register(data, mode=mode, genes=genes, options=options, image=image,
+                       niche_features=probe.has_niche, device=device, progress=progress)
+        image_model = lora_spec = None
+        if mode == "lora":
+            from hyperst.pp import load_backbone, resolve_backbone_spec
+            from hyperst.tl._lora import ResizeTo, add_lora
+
+            spec = resolve_backbone_spec(image.backbone)
+            if image.weights is not None:
+                spec.weights = str(image.weights)
+            reg.backbone = spec.to_dict()
+            torch.manual_seed(seed)
+            trunk = load_backbone(spec, random_init=image.random_init)
+            lora = image.lora
+            lora_spec = add_lora(trunk, LoraSpec.from_dict(lora) if isinstance(lora, Mapping) else lora)
+            image_dim = int(trunk.feature_dim)
+        else:
+            image_dim = reg.spot.shape[1]
+        cfg = HyperSTConfig.from_preset(preset, n_genes=len(reg.genes), image_dim=image_dim, **(config or {}))
+        if cfg.uses_alignment and cfg.has_niche:
+            reg.add_niche_targets(options.layer, options.sample_key)
+        torch.manual_seed(seed)
+        if mode == "lora":
+            image_model = ImageHyperST(ResizeTo(trunk, spec.input_size), cfg)
+        model = cls(
+            cfg,
+            genes=reg.genes,
+            backbone=reg.backbone,
+            crop_geometry=reg.crop_geometry,
+            preprocessing={"targets": "log2p1", "normalize": bool(options.normalize), "layer": options.layer,
+                           **reg.spot_geometry},
+            network=None if image_model is None else image_model.network,
+            image_model=image_model,
+            lora=lora_spec,
+        )
+        model.registered = reg
+        model.data_options = options
+        model.image_options = image
+        model.preset = preset
+        return model
+
+    def datamodule(self, options: TrainOptions | None = None) -> SpotDataModule:
+        """The data module over the registered spots.
+
+        Split by :class:`hyperst.data.DataSplitter` (with :attr:`data_options` and ``options.seed``), served
+        as features (:class:`~hyperst.data.FeatureDataModule`) or crops (:class:`~hyperst.data.CropDataModule`).
+        """
+        from hyperst.data import CropDataModule, DataSplitter, FeatureData, FeatureDataModule
+
+        reg = self._registered()
+        options = options or TrainOptions()
+        opts = self.data_options
+        train_mask, val_mask, split = DataSplitter(
+            reg.samples, reg.coords, validation=opts.validation, val_fraction=opts.val_fraction, seed=options.seed
+        ).split()
+        loader = {"batch_size": options.batch_size, "seed": options.seed, "num_workers": options.num_workers}
+        niche = reg.niche if self.config.has_niche else None
+        if reg.mode == "lora":
+            targets = {"targets": reg.targets}
+            if reg.niche_targets is not None:
+                targets["niche_targets"] = reg.niche_targets
+            dm: SpotDataModule = CropDataModule(
+                reg.spot, niche, targets, train_mask, val_mask, mean=self.backbone["mean"],
+                std=self.backbone["std"], augment=self.image_options.augment, **loader,
+            )
+        else:
+            arrays = FeatureData(spot=reg.spot, niche=niche, targets=reg.targets, niche_targets=reg.niche_targets)
+            dm = FeatureDataModule(arrays, train_mask, val_mask, **loader)
+        dm.split = split
+        return dm
+
+    def train(
+        self, options: TrainOptions | None = None, *, hardware: TrainerOptions | None = None, **overrides: Any
+    ) -> HyperST:
+        """Train on the registered data (Lightning; early stopping and best weights on the validation loss).
+
+        Parameters
+        ----------
+        options
+            Optimisation settings (:class:`~hyperst.tl.TrainOptions`).
+        hardware
+            Devices, precision and strategy (:class:`~hyperst.tl.TrainerOptions`).
+        **overrides
+            Single fields of ``options`` (``model.train(max_epochs=50)``).
+
+        Returns
+        -------
+        The model, trained in place, with :attr:`history` and :attr:`training` filled.
+        """
+        from dataclasses import replace
+
+        from hyperst.tl._train import run_training
+
+        options = options or TrainOptions()
+        if overrides:
+            options = replace(options, **overrides)
+        hardware = hardware or TrainerOptions()
+        reg = self._registered()
+        dm = self.datamodule(options)
+        logger.info(f"training on {dm.n_train} spots, validating on {dm.n_val} ({dm.split})")
+        if dm.n_train < 2:
+            raise ValueError(f"Only {dm.n_train} training spots: the contrastive loss needs batches of at least 2.")
+        module = self.image_model if self.image_model is not None else self.network
+        result = run_training(module, dm, options, hardware)
+        self.to(hardware.device)
+        self.network.eval()
+        self.history = result["history"]
+        self.training = {
+            "mode": reg.mode,
+            "preset": self.preset,
+            "validation": dm.split,
+            "n_train": dm.n_train,
+            "n_val": dm.n_val,
+            "validation_samples": sorted(set(reg.samples[dm.val_mask])) if dm.split.startswith("slides") else None,
+            "max_epochs": options.max_epochs,
+            "epochs": result["epochs"],
+            "global_step": result["global_step"],
+            "world_size": result["world_size"],
+            "best_epoch": result["best_epoch"],
+            "best_val_loss": result["best_val_loss"],
+            "batch_size": options.batch_size,
+            "lr": options.lr,
+            "weight_decay": options.weight_decay,
+            "patience": options.patience,
+            "seed": options.seed,
+            "precision": hardware.precision,
+            "min_tissue": self.data_options.min_tissue,
+        }
+        return self
+
+    @property
+    def is_trained(self) -> bool:
+        """Whether the model has trained (or was loaded from a trained model folder)."""
+        return bool(self.history)
+
+    def _registered(self) -> TrainingData:
+        if self.registered is None:
+            raise ValueError(
+                "This model has no registered training data: build it with `hst.tl.HyperST.setup(data, ...)` "
+                "(or `hst.tl.fit`), not from a configuration or a saved folder."
+            )
+        return self.registered
+
+    def predict(self, data: AnnData | Any, **kwargs: Any) -> AnnData:
+        """Predict expression from H&E alone; see :func:`hyperst.tl.predict` for the options and the output."""
+        from hyperst.tl._predict import predict_data
+
+        return predict_data(self, data, **kwargs)
+
+    @torch.inference_mode()
+    def get_embeddings(
+        self, data: FeatureData | None = None, *, batch_size: int = 1024, progress: bool = False
+    ) -> dict[str, np.ndarray]:
+        """Embeddings of every stream the model has (Lorentz space components, float32).
+
+        Parameters
+        ----------
+        data
+            Features and targets of the spots (the gene streams need the expression). ``None``: the
+            registered training spots (for LoRA models, their crops through the fine-tuned backbone).
+        batch_size
+            Rows per forward pass.
+        progress
+            LoRA models: show the feature extraction progress.
+
+        Returns
+        -------
+        ``{"image_spot", "image_niche", "gene_spot", "gene_niche"}`` → ``(n, d)``, the streams the model has.
+        """
+        if data is None:
+            data = self.registered_features(progress=progress)
+        net = self.network.eval()
+        dev = self.device
+
+        def rows(a: np.ndarray | None, sl: slice) -> torch.Tensor | None:
+            return None if a is None else torch.from_numpy(np.ascontiguousarray(a[sl], np.float32)).to(dev)
+
+        embs: dict[str, list[np.ndarray]] = {}
+        for start in range(0, len(data), batch_size):
+            sl = slice(start, start + batch_size)
+            out = net(rows(data.spot, sl), rows(data.niche, sl), rows(data.targets, sl), rows(data.niche_targets, sl))
+            for k, v in out.embeddings.items():
+                embs.setdefault(k, []).append(v.float().cpu().numpy())
+        return {k: np.concatenate(v) for k, v in embs.items()}
+
+    def registered_features(self, *, progress: bool = False) -> FeatureData:
+        """The registered training spots as :class:`~hyperst.data.FeatureData`.
+
+        LoRA models: features of the registered crops through the fine-tuned backbone.
+        """
+        from hyperst.data import FeatureData
+
+        reg = self._registered()
+        spot, niche = reg.spot, reg.niche if self.config.has_niche else None
+        if reg.mode == "lora":
+            spot = self.crop_features(spot, progress=progress)
+            niche = None if niche is None else self.crop_features(niche, progress=progress)
+        return FeatureData(spot=spot, niche=niche, targets=reg.targets, niche_targets=reg.niche_targets)
+
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict[str, Any]:
-        """Everything but the weights, JSON-compatible."""
-        return {
-            "format_version": FORMAT_VERSION,
-            "hyperst_version": __version__,
-            "config": self.config.to_dict(),
-            "genes": self.genes,
-            "backbone": jsonable(self.backbone),
-            "crop_geometry": jsonable(self.crop_geometry),
-            "preprocessing": jsonable(self.preprocessing),
-            "training": jsonable(self.training),
-            "history": jsonable(self.history),
-            "lora": None if self.lora is None else self.lora.to_dict(),
-        }
+        """Everything but the weights, JSON-compatible (the content of ``hyperst.json``)."""
+        from hyperst.tl._io import model_record
+
+        return model_record(self)
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the model to the directory ``path``.
 
         ``hyperst.json`` holds the configuration, genes, backbone, crop geometry, preprocessing and
-        history; ``weights.pt`` the state dict (tensors only, loadable with ``weights_only=True``).
+        history; ``weights.pt`` the state dict (tensors only, loadable with ``weights_only=True``); LoRA
+        models add ``backbone.pt`` (the adapters, or the whole backbone when it was randomly initialised).
 
         Parameters
         ----------
@@ -243,21 +495,9 @@ class HyperST:
         -------
         The directory.
         """
-        path = Path(path)
-        if (path / CONFIG_FILE).exists() and not overwrite:
-            raise FileExistsError(f"{path} already holds a saved model; pass `overwrite=True` to replace it.")
-        path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()}
-        torch.save(state, path / WEIGHTS_FILE)
-        if self.image_backbone is not None:
-            # adapters only when the base weights can be reloaded from their file; the whole backbone when
-            # it was randomly initialised (tests, timing runs)
-            bb = self.image_backbone.state_dict()
-            keep = bb if not (self.backbone or {}).get("weights") else {k: v for k, v in bb.items() if "lora_" in k}
-            torch.save({k: v.detach().cpu().contiguous() for k, v in keep.items()}, path / BACKBONE_FILE)
-        (path / CONFIG_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        logger.info(f"saved model to {path}")
-        return path
+        from hyperst.tl._io import write_model
+
+        return write_model(self, path, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> HyperST:
@@ -270,59 +510,10 @@ class HyperST:
         device
             Where to put the network (``"auto"``: CUDA when present).
         """
-        path = Path(path)
-        if not (path / CONFIG_FILE).exists() or not (path / WEIGHTS_FILE).exists():
-            raise FileNotFoundError(f"{path} does not hold a saved HyperST model ({CONFIG_FILE} + {WEIGHTS_FILE}).")
-        meta = json.loads((path / CONFIG_FILE).read_text())
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(
-                f"{path} was written by a newer hyperst (format {meta['format_version']}); upgrade hyperst."
-            )
-        config = HyperSTConfig.from_dict(meta["config"])
-        dev = resolve_device(device)
-        network = HyperSTNetwork(config)
-        state = torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-        network.load_state_dict(state)
-        image_model = lora = None
-        if meta.get("lora"):
-            image_model, lora = _load_lora_backbone(path, meta, config, network)
-        model = cls(
-            config,
-            genes=meta["genes"],
-            backbone=meta.get("backbone"),
-            crop_geometry=meta.get("crop_geometry"),
-            preprocessing=meta.get("preprocessing"),
-            network=network,
-            history=meta.get("history"),
-            training=meta.get("training"),
-            image_model=image_model,
-            lora=lora,
-        )
-        model.to(dev)
+        from hyperst.tl._io import read_model
+
+        kwargs = read_model(path)
+        model = cls(kwargs.pop("config"), **kwargs)
+        model.to(resolve_device(device))
         model.network.eval()
         return model
-
-
-def _load_lora_backbone(
-    path: Path, meta: Mapping[str, Any], config: HyperSTConfig, network: HyperSTNetwork
-) -> tuple[ImageHyperST, LoraSpec]:
-    """Rebuild the fine-tuned backbone of a LoRA model: base weights from their file + saved adapters."""
-    from hyperst.pp._backbone import load_backbone
-    from hyperst.tl._lora import ResizeTo, add_lora
-
-    spec = meta["backbone"]
-    random_base = not spec.get("weights")
-    trunk = load_backbone(spec, random_init=random_base)
-    lora = add_lora(trunk, LoraSpec.from_dict(meta["lora"]))
-    saved = torch.load(path / BACKBONE_FILE, map_location="cpu", weights_only=True)
-    if random_base:
-        trunk.load_state_dict(saved)
-    else:
-        missing = {k for k in trunk.state_dict() if "lora_" in k} - set(saved)
-        if missing:
-            raise ValueError(f"{path / BACKBONE_FILE} lacks adapter weights, e.g. {sorted(missing)[:3]}.")
-        trunk.load_state_dict(saved, strict=False)
-    image_model = ImageHyperST(ResizeTo(trunk, trunk.hyperst_spec.input_size), config)
-    image_model.network = network
-    return image_model, lora
-

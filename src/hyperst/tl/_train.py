@@ -1,154 +1,28 @@
-"""Training with Lightning: the training plan, data splits and the loop (frozen-feature mode)."""
+"""Training with Lightning: the training plan (steps and optimiser), its callbacks and the runner.
+
+The plan wraps the nn module and does not own it (scvi-tools' ``TrainingPlan``); the runner
+:func:`run_training` fits a plan on a :class:`hyperst.data.SpotDataModule` and returns the history.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from hyperst._logging import logger
 
-__all__ = ["FeatureData", "TrainingPlan", "spatial_block_split", "train"]
+if TYPE_CHECKING:  # pragma: no cover
+    from hyperst.data import SpotDataModule
+    from hyperst.tl._options import TrainerOptions, TrainOptions
 
-
-# ---------------------------------------------------------------------------------------------- data
-@dataclass
-class FeatureData:
-    """Everything the frozen-mode loop needs, as aligned arrays over spots.
-
-    Attributes
-    ----------
-    spot, niche
-        Backbone features ``(n, D)`` of the spot and niche crops (``niche`` may be ``None`` for
-        single-level models).
-    targets
-        Spot expression ``(n, G)`` on the training scale (log2(1 + counts)).
-    niche_targets
-        Niche expression ``(n, G)`` or ``None``.
-    """
-
-    spot: np.ndarray
-    niche: np.ndarray | None
-    targets: np.ndarray
-    niche_targets: np.ndarray | None
-
-    def __post_init__(self) -> None:
-        n = len(self.spot)
-        for name in ("niche", "targets", "niche_targets"):
-            arr = getattr(self, name)
-            if arr is not None and len(arr) != n:
-                raise ValueError(f"`{name}` has {len(arr)} rows, the spot features {n}.")
-        for name in ("spot", "niche", "targets", "niche_targets"):
-            arr = getattr(self, name)
-            if arr is not None and not np.isfinite(arr).all():
-                raise ValueError(f"`{name}` contains NaN or infinite values.")
-
-    def __len__(self) -> int:
-        return len(self.spot)
-
-
-class _TensorDataset(Dataset):
-    """Rows of :class:`FeatureData` as dicts of float32 tensors (picklable)."""
-
-    def __init__(self, data: FeatureData, index: np.ndarray) -> None:
-        def take(a: np.ndarray | None) -> torch.Tensor | None:
-            return None if a is None else torch.from_numpy(np.ascontiguousarray(a[index], dtype=np.float32))
-
-        self.tensors = {
-            k: v
-            for k, v in {
-                "spot": take(data.spot),
-                "niche": take(data.niche),
-                "targets": take(data.targets),
-                "niche_targets": take(data.niche_targets),
-            }.items()
-            if v is not None
-        }
-        self.n = len(index)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {k: v[i] for k, v in self.tensors.items()}
-
-
-# ---------------------------------------------------------------------------------------------- splits
-def spatial_block_split(
-    coords: np.ndarray,
-    *,
-    val_fraction: float = 0.15,
-    block_size: float,
-    buffer: float,
-    seed: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Spatially blocked train/validation split of the spots of one slide.
-
-    The slide is cut into square blocks of side ``block_size``; whole blocks are drawn (seeded) for
-    validation until ``val_fraction`` of the spots is reached. Training spots closer than ``buffer``
-    to any validation spot are dropped, so no niche straddles the split.
-
-    Parameters
-    ----------
-    coords
-        ``(n, 2)`` spot centres.
-    val_fraction
-        Target fraction of validation spots.
-    block_size
-        Side of the blocks (same unit as ``coords``).
-    buffer
-        Exclusion distance around validation spots (e.g. the niche radius).
-    seed
-        Seed of the block draw.
-
-    Returns
-    -------
-    Boolean masks ``(train, validation)``; spots in neither are in the buffer.
-    """
-    from scipy.spatial import cKDTree
-
-    coords = np.asarray(coords, dtype=np.float64)
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"`val_fraction` must be in (0, 1), got {val_fraction}.")
-    if not block_size > 0:
-        raise ValueError(f"`block_size` must be positive, got {block_size}.")
-    blocks = np.floor((coords - coords.min(axis=0)) / block_size).astype(np.int64)
-    _, block_id = np.unique(blocks, axis=0, return_inverse=True)
-    block_id = block_id.ravel()
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(block_id.max() + 1)
-    counts = np.bincount(block_id)
-    target = val_fraction * len(coords)
-    chosen, total = [], 0
-    for b in order:
-        if total >= target:
-            break
-        if total + counts[b] > 2 * target and total > 0:
-            continue
-        chosen.append(b)
-        total += counts[b]
-    val = np.isin(block_id, chosen)
-    train = ~val
-    if buffer > 0 and val.any():
-        dist, _ = cKDTree(coords[val]).query(coords[train], k=1)
-        keep = dist > buffer
-        idx = np.flatnonzero(train)
-        train[idx[~keep]] = False
-    if not train.any() or not val.any():
-        raise ValueError(
-            "The spatial split left an empty side: too few spots for blocks of this size. "
-            "Lower `block_size`, or pass `validation=None`."
-        )
-    return train, val
+__all__ = ["TrainingPlan", "run_training"]
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -217,13 +91,13 @@ class _History(L.Callback):
 
 
 class _EpochSetter(L.Callback):
-    """Tell a dataset which epoch starts, so its random augmentation differs between epochs."""
+    """Tell the data module which epoch starts, so its random augmentation differs between epochs."""
 
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
+    def __init__(self, datamodule: Any) -> None:
+        self.datamodule = datamodule
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self.dataset.set_epoch(int(trainer.current_epoch))
+        self.datamodule.set_epoch(int(trainer.current_epoch))
 
 
 class _BestWeights(L.Callback):
@@ -263,98 +137,67 @@ def _precision(precision: str, accelerator: str) -> str:
     return "32-true"
 
 
-def train(
-    module: nn.Module,
-    train_set: Dataset,
-    val_set: Dataset | None,
-    *,
-    max_epochs: int = 200,
-    batch_size: int = 128,
-    lr: float = 1e-4,
-    weight_decay: float = 0.01,
-    patience: int = 10,
-    gradient_clip_val: float | None = 1.0,
-    seed: int = 42,
-    accelerator: str = "auto",
-    devices: int | str | Sequence[int] = "auto",
-    strategy: str | Any = "auto",
-    num_nodes: int = 1,
-    precision: str = "auto",
-    num_workers: int = 0,
-    progress: bool = True,
-    trainer_kwargs: Mapping[str, Any] | None = None,
+def run_training(
+    module: nn.Module, datamodule: SpotDataModule, options: TrainOptions, hardware: TrainerOptions
 ) -> dict[str, Any]:
-    """Train ``module`` with Lightning; returns the history and the best epoch.
+    """Fit ``module`` on ``datamodule`` with Lightning; returns the history and the best epoch.
 
-    Early stopping and best-weight restoring use the validation loss when ``val_set`` is given;
-    without it the model trains for ``max_epochs``. Any Lightning ``Trainer`` option can be passed in
-    ``trainer_kwargs``. For several GPUs or nodes use ``strategy="ddp"`` (run from a script): the
-    launching process is rank 0 and keeps the history and best weights; with spawn-based strategies
-    the callbacks' state stays in the child processes.
+    Early stopping and best-weight restoring use the validation loss when the data module has validation
+    spots; without them the model trains for ``options.max_epochs``. For several GPUs or nodes use
+    ``strategy="ddp"`` (run from a script): the launching process is rank 0 and keeps the history and best
+    weights; with spawn-based strategies the callbacks' state stays in the child processes.
 
     Returns
     -------
-    ``{"history": [...], "best_epoch": int | None, "best_val_loss": float | None, "epochs": int}``.
+    ``{"history": [...], "best_epoch", "best_val_loss", "epochs", "global_step", "world_size"}``.
     """
     from lightning.pytorch.callbacks import EarlyStopping
 
-    if accelerator == "auto":
-        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    n_train = len(train_set)
-    if n_train < 2:
-        raise ValueError(f"Only {n_train} training spots: the contrastive loss needs batches of at least 2.")
-    bs = min(batch_size, n_train)
-    # drop_last (as the reference) unless that would drop everything or leave single-spot batches
-    drop_last = n_train > bs
-    L.seed_everything(seed, workers=True, verbose=False)
-    generator = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(
-        train_set, batch_size=bs, shuffle=True, drop_last=drop_last, generator=generator,
-        num_workers=num_workers, persistent_workers=num_workers > 0,
-    )
-    val_loader = None
-    if val_set is not None and len(val_set) > 0:
-        val_loader = DataLoader(val_set, batch_size=max(bs, 2), shuffle=False, num_workers=num_workers,
-                                persistent_workers=num_workers > 0)
+    from hyperst._utils import resolve_device
+
+    accelerator = "gpu" if resolve_device(hardware.device).type == "cuda" else "cpu"
+    L.seed_everything(options.seed, workers=True, verbose=False)
+    train_loader = datamodule.train_dataloader()
+    val_loader = datamodule.val_dataloader()
     history = _History()
-    callbacks: list[Any] = [history]
-    if hasattr(train_set, "set_epoch"):  # per-epoch augmentation draws (SpotCropDataset)
-        callbacks.append(_EpochSetter(train_set))
+    callbacks: list[Any] = [history, _EpochSetter(datamodule)]
     best = None
     if val_loader is not None:
         best = _BestWeights()
-        callbacks += [best, EarlyStopping(monitor="val/loss", patience=patience, mode="min")]
+        callbacks += [best, EarlyStopping(monitor="val/loss", patience=options.patience, mode="min")]
     kwargs: dict[str, Any] = {
         "accelerator": accelerator,
-        "devices": devices,
-        "strategy": strategy,
-        "num_nodes": num_nodes,
-        "precision": _precision(precision, accelerator),
-        "max_epochs": max_epochs,
+        "devices": hardware.devices,
+        "strategy": hardware.strategy,
+        "num_nodes": hardware.num_nodes,
+        "precision": _precision(hardware.precision, accelerator),
+        "max_epochs": options.max_epochs,
         "callbacks": callbacks,
         "logger": False,
         "enable_checkpointing": False,
         "enable_model_summary": False,
-        "enable_progress_bar": progress,
+        "enable_progress_bar": options.progress,
         "num_sanity_val_steps": 0,
-        "gradient_clip_val": gradient_clip_val,
+        "gradient_clip_val": options.gradient_clip_val,
         "deterministic": True,
         "log_every_n_steps": 1,
     }
-    extra = dict(trainer_kwargs or {})
+    extra = dict(hardware.trainer_kwargs or {})
     callbacks += list(extra.pop("callbacks", []))  # the caller's callbacks come on top of ours
     kwargs.update(extra)
     pl_logger = logging.getLogger("lightning.pytorch")
     level = pl_logger.level
-    if not progress:  # quiet runs: no "GPU available: ..." banners either
+    if not options.progress:  # quiet runs: no "GPU available: ..." banners either
         pl_logger.setLevel(logging.WARNING)
     try:
         trainer = L.Trainer(**kwargs)
-        plan = TrainingPlan(module, lr=lr, weight_decay=weight_decay)
+        plan = TrainingPlan(module, lr=options.lr, weight_decay=options.weight_decay)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*The number of training batches.*")
             warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
+            warnings.filterwarnings("ignore", message=".*have no `val_dataloader`.*")
+            warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
             trainer.fit(plan, train_dataloaders=train_loader, val_dataloaders=val_loader)
     finally:
         pl_logger.setLevel(level)

@@ -1,0 +1,127 @@
+"""Model folders: ``hyperst.json`` (configuration, genes, provenance, history) + state dicts.
+
+Loading never runs code: weights are read with ``torch.load(weights_only=True)`` and the JSON only names
+settings. :meth:`hyperst.tl.HyperST.save` / :meth:`~hyperst.tl.HyperST.load` call these functions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hyperst._logging import logger
+from hyperst._utils import jsonable
+from hyperst._version import __version__
+from hyperst.nn import HyperSTConfig, HyperSTNetwork, ImageHyperST
+from hyperst.tl._lora import LoraSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hyperst.tl._model import HyperST
+
+__all__ = [
+    "BACKBONE_FILE",
+    "CONFIG_FILE",
+    "FORMAT_VERSION",
+    "WEIGHTS_FILE",
+    "model_record",
+    "read_model",
+    "write_model",
+]
+
+CONFIG_FILE = "hyperst.json"
+WEIGHTS_FILE = "weights.pt"
+BACKBONE_FILE = "backbone.pt"
+FORMAT_VERSION = 1
+
+
+def model_record(model: HyperST) -> dict[str, Any]:
+    """Everything but the weights, JSON-compatible."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "hyperst_version": __version__,
+        "config": model.config.to_dict(),
+        "genes": model.genes,
+        "backbone": jsonable(model.backbone),
+        "crop_geometry": jsonable(model.crop_geometry),
+        "preprocessing": jsonable(model.preprocessing),
+        "training": jsonable(model.training),
+        "history": jsonable(model.history),
+        "lora": None if model.lora is None else model.lora.to_dict(),
+    }
+
+
+def write_model(model: HyperST, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write ``model`` to the directory ``path`` (see :meth:`hyperst.tl.HyperST.save`)."""
+    path = Path(path)
+    if (path / CONFIG_FILE).exists() and not overwrite:
+        raise FileExistsError(f"{path} already holds a saved model; pass `overwrite=True` to replace it.")
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.network.state_dict().items()}
+    torch.save(state, path / WEIGHTS_FILE)
+    if model.image_backbone is not None:
+        # adapters only when the base weights can be reloaded from their file; the whole backbone when
+        # it was randomly initialised (tests, timing runs)
+        bb = model.image_backbone.state_dict()
+        keep = bb if not (model.backbone or {}).get("weights") else {k: v for k, v in bb.items() if "lora_" in k}
+        torch.save({k: v.detach().cpu().contiguous() for k, v in keep.items()}, path / BACKBONE_FILE)
+    (path / CONFIG_FILE).write_text(json.dumps(model_record(model), indent=2) + "\n")
+    logger.info(f"saved model to {path}")
+    return path
+
+
+def read_model(path: str | Path) -> dict[str, Any]:
+    """The constructor arguments of :class:`hyperst.tl.HyperST` for the model folder ``path``."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).exists() or not (path / WEIGHTS_FILE).exists():
+        raise FileNotFoundError(f"{path} does not hold a saved HyperST model ({CONFIG_FILE} + {WEIGHTS_FILE}).")
+    meta = json.loads((path / CONFIG_FILE).read_text())
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path} was written by a newer hyperst (format {meta['format_version']}); upgrade hyperst.")
+    config = HyperSTConfig.from_dict(meta["config"])
+    network = HyperSTNetwork(config)
+    state = torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    network.load_state_dict(state)
+    image_model = lora = None
+    if meta.get("lora"):
+        image_model, lora = _load_lora_backbone(path, meta, config, network)
+    return {
+        "config": config,
+        "genes": meta["genes"],
+        "backbone": meta.get("backbone"),
+        "crop_geometry": meta.get("crop_geometry"),
+        "preprocessing": meta.get("preprocessing"),
+        "network": network,
+        "history": meta.get("history"),
+        "training": meta.get("training"),
+        "image_model": image_model,
+        "lora": lora,
+    }
+
+
+def _load_lora_backbone(
+    path: Path, meta: Mapping[str, Any], config: HyperSTConfig, network: HyperSTNetwork
+) -> tuple[ImageHyperST, LoraSpec]:
+    """Rebuild the fine-tuned backbone of a LoRA model: base weights from their file + saved adapters."""
+    from hyperst.pp._backbone import load_backbone
+    from hyperst.tl._lora import ResizeTo, add_lora
+
+    spec = meta["backbone"]
+    random_base = not spec.get("weights")
+    trunk = load_backbone(spec, random_init=random_base)
+    lora = add_lora(trunk, LoraSpec.from_dict(meta["lora"]))
+    saved = torch.load(path / BACKBONE_FILE, map_location="cpu", weights_only=True)
+    if random_base:
+        trunk.load_state_dict(saved)
+    else:
+        missing = {k for k in trunk.state_dict() if "lora_" in k} - set(saved)
+        if missing:
+            raise ValueError(f"{path / BACKBONE_FILE} lacks adapter weights, e.g. {sorted(missing)[:3]}.")
+        trunk.load_state_dict(saved, strict=False)
+    image_model = ImageHyperST(ResizeTo(trunk, trunk.hyperst_spec.input_size), config)
+    image_model.network = network
+    return image_model, lora
+

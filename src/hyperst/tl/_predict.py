@@ -1,0 +1,151 @@
+"""Prediction from H&E alone: on tables with image features, on SpatialData with spots, or on a bare image.
+
+:meth:`hyperst.tl.HyperST.predict` and :func:`hyperst.tl.predict` call :func:`predict_data`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from hyperst._constants import Key
+from hyperst._logging import logger
+from hyperst._utils import jsonable
+from hyperst.tl._setup import feature_matrix
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+    from hyperst.tl._model import HyperST
+
+__all__ = ["predict_data"]
+
+
+def predict_data(
+    model: HyperST,
+    data: AnnData | SpatialData,
+    *,
+    spot_key: str = Key.OBSM_FEATURES_SPOT,
+    niche_key: str = Key.OBSM_FEATURES_NICHE,
+    layer: Literal["auto"] | bool = "auto",
+    table_key: str | None = None,
+    shapes_key: str | None = None,
+    image_key: str | None = None,
+    pixel_size: float | None = None,
+    key_added: str = Key.TABLE_PREDICTION,
+    grid: Mapping[str, Any] | None = None,
+    device: str = "auto",
+    batch_size: int = 1024,
+    progress: bool = True,
+) -> AnnData:
+    """Predict with ``model`` on ``data`` (see :func:`hyperst.tl.predict`)."""
+    from anndata import AnnData
+
+    if isinstance(data, AnnData):
+        return _predict_table(model, data, spot_key=spot_key, niche_key=niche_key, layer=layer, batch_size=batch_size)
+    if not hasattr(data, "images"):
+        raise TypeError(f"`data` must be an AnnData or a SpatialData, got {type(data).__name__}.")
+    return _predict_spatialdata(
+        model, data, layer=layer, table_key=table_key, shapes_key=shapes_key, image_key=image_key,
+        pixel_size=pixel_size, key_added=key_added, grid=grid, device=device, batch_size=batch_size, progress=progress,
+    )
+
+
+def _predict_spatialdata(
+    model: HyperST,
+    sdata: SpatialData,
+    *,
+    layer: Literal["auto"] | bool,
+    table_key: str | None,
+    shapes_key: str | None,
+    image_key: str | None,
+    pixel_size: float | None,
+    key_added: str,
+    grid: Mapping[str, Any] | None,
+    device: str,
+    batch_size: int,
+    progress: bool,
+) -> AnnData:
+    from spatialdata.models import TableModel
+
+    from hyperst.pp import image_features
+
+    if model.backbone is None or model.crop_geometry is None:
+        raise ValueError(
+            "This model does not record the backbone and crop geometry of its features, so it cannot compute "
+            "them from images. Compute features with the training backbone and pass the table instead."
+        )
+    if key_added in sdata.tables:
+        raise ValueError(f"`sdata` already has a table {key_added!r}; pass another `key_added`.")
+    if len(sdata.shapes) == 0 and len(sdata.points) == 0 and shapes_key is None:
+        from hyperst.pp import grid_spots
+
+        geom = model.crop_geometry
+        pre = model.preprocessing
+        opts = {"spot_diameter": pre.get("spot_diameter", 55.0), "pitch": pre.get("pitch", 100.0),
+                "layout": "visium" if pre.get("layout", "visium") == "visium" else "square"}
+        opts.update(grid or {})
+        if pixel_size is None and "pixel_size" not in opts:
+            raise ValueError("`sdata` has no spots: pass `pixel_size` (µm per pixel) to place pseudo-spots.")
+        opts.setdefault("pixel_size", pixel_size)
+        shapes_key = grid_spots(sdata, image_key=image_key, **opts)
+        logger.info(f"placed {len(sdata.shapes[shapes_key])} pseudo-spots on the tissue ({geom})")
+        pixel_size = opts["pixel_size"]
+    table = image_features(
+        sdata, backbone=model.image_backbone or model.backbone, geometry=model.crop_geometry, table_key=table_key,
+        shapes_key=shapes_key, image_key=image_key, pixel_size=pixel_size, device=device, progress=progress,
+    )
+    out = _predict_table(model, table, spot_key=Key.OBSM_FEATURES_SPOT, niche_key=Key.OBSM_FEATURES_NICHE,
+                         layer=layer, batch_size=batch_size)
+    attrs = table.uns.get("spatialdata_attrs", {})
+    if attrs:
+        out = TableModel.parse(out, region=attrs["region"], region_key=attrs["region_key"],
+                               instance_key=attrs["instance_key"])
+    sdata.tables[key_added] = out
+    return out
+
+
+def _predict_table(
+    model: HyperST,
+    data: AnnData,
+    *,
+    spot_key: str,
+    niche_key: str,
+    layer: Literal["auto"] | bool,
+    batch_size: int,
+) -> AnnData:
+    import anndata as ad
+    import scipy.sparse as sp
+
+    spot = feature_matrix(data, spot_key, "spot")
+    niche = feature_matrix(data, niche_key, "niche") if model.config.has_niche else None
+    pred, embs = model.predict_features(spot, niche, batch_size=batch_size)
+    has_counts = set(model.genes) <= set(map(str, data.var_names))
+    to_layer = has_counts if layer == "auto" else bool(layer)
+    var = pd.DataFrame(index=pd.Index(model.genes, name=None))
+    if to_layer:
+        if not has_counts:
+            raise ValueError("`layer=True` needs the model's genes in `data` (their measured counts go to `.X`).")
+        x = data[:, model.genes].X
+        x = x.copy() if sp.issparse(x) else np.array(x, copy=True)
+        out = ad.AnnData(X=x, obs=data.obs.copy(), var=var)
+        out.layers[Key.LAYER_PRED] = pred
+    else:
+        out = ad.AnnData(X=pred, obs=data.obs.copy(), var=var)
+    if Key.OBSM_SPATIAL in data.obsm:
+        out.obsm[Key.OBSM_SPATIAL] = np.array(data.obsm[Key.OBSM_SPATIAL], copy=True)
+    if "spatial" in data.uns:
+        out.uns["spatial"] = data.uns["spatial"]
+    out.obsm[Key.OBSM_IMAGE_SPOT] = embs["image_spot"]
+    if "image_niche" in embs:
+        out.obsm[Key.OBSM_IMAGE_NICHE] = embs["image_niche"]
+    out.obs[Key.OBS_CONFIDENCE] = model.confidence(embs["image_spot"])
+    out.uns[Key.UNS] = {Key.UNS_PREDICT: jsonable({
+        "genes": model.genes, "layer": Key.LAYER_PRED if to_layer else "X", "backbone": model.backbone,
+        "crop_geometry": model.crop_geometry, "curvature": float(model.network.curvature.detach().cpu()),
+    }, drop_none=True)}
+    return out

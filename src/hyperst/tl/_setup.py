@@ -1,0 +1,271 @@
+"""Registering user data for training: tables, spots, genes, targets and image inputs as aligned arrays.
+
+Like scvi-tools' ``setup_anndata``, this only reads: it finds the training tables behind AnnData /
+SpatialData input, the genes and their targets, the image features (frozen mode) or crops (LoRA mode),
+and records where every row came from so that embeddings can be written back. The data modules
+(:mod:`hyperst.data`) and the model (:class:`hyperst.tl.HyperST`) are built from the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from hyperst._constants import Key
+from hyperst._logging import logger
+from hyperst.tl._utils import tables
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+
+    from hyperst.pp import CropGeometry
+    from hyperst.tl._options import DataOptions, ImageOptions
+
+__all__ = ["Part", "TrainingData", "feature_matrix", "register"]
+
+
+@dataclass
+class Part:
+    """Spots of one user table used for training: ``data`` is ``table[rows]`` (``table`` itself when whole)."""
+
+    table: AnnData
+    rows: np.ndarray
+    data: AnnData
+
+
+@dataclass
+class TrainingData:
+    """What a model trains on, over the concatenated training spots of every part.
+
+    Attributes
+    ----------
+    parts
+        Where the rows come from (for writing embeddings back).
+    genes
+        Predicted genes, in output order.
+    targets, niche_targets
+        ``(n, G)`` training targets; niche targets only for models that align niches (``None`` until
+        :meth:`add_niche_targets`).
+    samples, coords
+        Sample label and spot centre (or ``None`` when unknown) of every row.
+    spot, niche
+        Frozen mode: backbone features ``(n, D)``. LoRA mode: uint8 crops ``(n, s, s, 3)``.
+    backbone, crop_geometry, spot_geometry
+        Provenance records (backbone spec, crop geometry, spot layout) of the image inputs.
+    """
+
+    mode: Literal["frozen", "lora"]
+    parts: list[Part]
+    genes: list[str]
+    targets: np.ndarray
+    samples: np.ndarray
+    coords: np.ndarray | None
+    spot: np.ndarray
+    niche: np.ndarray | None
+    backbone: dict | None
+    crop_geometry: dict | None
+    spot_geometry: dict
+    niche_targets: np.ndarray | None = None
+
+    @property
+    def adatas(self) -> list[AnnData]:
+        """The training rows of each part."""
+        return [p.data for p in self.parts]
+
+    def add_niche_targets(self, layer: str | None, sample_key: str) -> None:
+        """Compute the niche expression targets of :attr:`genes` (log2(1 + niche mean counts))."""
+        from hyperst.pp._niches import niche_targets
+
+        self.niche_targets = np.concatenate([
+            niche_targets(a, self.genes, layer=layer, library_key=sample_key if sample_key in a.obs.columns else None)
+            for a in self.adatas
+        ])
+
+
+def feature_matrix(adata: AnnData, key: str, what: str) -> np.ndarray:
+    """``.obsm[key]`` as a float32 ``(n_obs, D)`` array, with an error naming the function to run first."""
+    if key not in adata.obsm:
+        raise ValueError(
+            f"The table has no {what} features in `.obsm[{key!r}]`. Compute them first with "
+            "`hst.pp.image_features(sdata, backbone=...)`, or pass the key holding them."
+        )
+    x = np.asarray(adata.obsm[key], dtype=np.float32)
+    if x.ndim != 2 or len(x) != adata.n_obs:
+        raise ValueError(f"`.obsm[{key!r}]` must be a 2-d array with one row per spot, got shape {x.shape}.")
+    return x
+
+
+def register(
+    data: Any,
+    *,
+    mode: Literal["frozen", "lora"],
+    genes: Sequence[str] | None,
+    options: DataOptions,
+    image: ImageOptions,
+    niche_features: bool = True,
+    device: str = "auto",
+    progress: bool = True,
+) -> TrainingData:
+    """Read the training inputs of ``data`` (AnnData, SpatialData or a list of them).
+
+    Frozen mode computes missing image features of SpatialData items (:func:`hyperst.pp.image_features`);
+    LoRA mode cuts the spot/niche crops (:func:`hyperst.pp.crops`, memory-mapped from the crop cache).
+    ``niche_features=False`` skips the niche features (single-level models).
+    """
+    from hyperst.pp._genes import targets
+
+    if mode not in ("frozen", "lora"):
+        raise ValueError(f"`mode` must be 'frozen' or 'lora', got {mode!r}.")
+    items = list(data) if isinstance(data, list | tuple) else [data]
+    geom = None
+    if mode == "lora":
+        parts, crop_arrays, geom = _lora_parts(items, options.table_key, image.geometry, image.cache_dir, progress)
+    else:
+        _ensure_features(items, options, image, device=device, progress=progress)
+        parts = [Part(a, np.arange(a.n_obs), a) for a in tables(items, options.table_key)]
+        crop_arrays = None
+    if options.min_tissue is not None:
+        parts, crop_arrays = _tissue_filter(parts, crop_arrays, options.min_tissue)
+    adatas = [p.data for p in parts]
+    genes = _genes(adatas, genes, options)
+    y = np.concatenate([targets(a, genes, layer=options.layer, normalize=options.normalize) for a in adatas])
+    backbone, crop_record, spot_geometry = _provenance(adatas)
+    if mode == "lora":
+        spot, niche = crop_arrays
+        crop_record = geom.to_dict()
+    else:
+        spot = np.concatenate([feature_matrix(a, options.spot_key, "spot") for a in adatas])
+        niche = None
+        if niche_features:
+            niche = np.concatenate([feature_matrix(a, options.niche_key, "niche") for a in adatas])
+            if niche.shape[1] != spot.shape[1]:
+                raise ValueError(f"Spot ({spot.shape[1]}) and niche ({niche.shape[1]}) features differ in size.")
+    return TrainingData(
+        mode=mode, parts=parts, genes=genes, targets=y, samples=_samples(adatas, options.sample_key),
+        coords=_coords(adatas), spot=spot, niche=niche, backbone=backbone, crop_geometry=crop_record,
+        spot_geometry=spot_geometry,
+    )
+
+
+def _genes(adatas: list[AnnData], genes: Sequence[str] | None, options: DataOptions) -> list[str]:
+    from hyperst.pp._genes import select_genes
+
+    if genes is None:
+        first = adatas[0]
+        if Key.VAR_SELECTED in first.var.columns and first.var[Key.VAR_SELECTED].any():
+            sel = first.var[first.var[Key.VAR_SELECTED]]
+            genes = list(sel.sort_values(Key.VAR_RANK).index) if Key.VAR_RANK in sel.columns else list(sel.index)
+        else:
+            lib = options.sample_key if options.sample_key in first.obs else None
+            genes = select_genes(adatas, layer=options.layer, library_key=lib, inplace=False)
+    genes = [str(g) for g in genes]
+    if not genes:
+        raise ValueError("No genes to predict: `genes` is empty.")
+    return genes
+
+
+def _samples(adatas: list[AnnData], sample_key: str) -> np.ndarray:
+    labels = []
+    for i, a in enumerate(adatas):
+        if sample_key in a.obs.columns:
+            labels.append(a.obs[sample_key].astype(str).to_numpy())
+        else:
+            labels.append(np.full(a.n_obs, f"table{i}" if len(adatas) > 1 else "sample0"))
+    return np.concatenate(labels)
+
+
+def _coords(adatas: list[AnnData]) -> np.ndarray | None:
+    if not all(Key.OBSM_SPATIAL in a.obsm for a in adatas):
+        return None
+    return np.concatenate([np.asarray(a.obsm[Key.OBSM_SPATIAL], dtype=np.float64)[:, :2] for a in adatas])
+
+
+def _provenance(adatas: list[AnnData]) -> tuple[dict | None, dict | None, dict]:
+    """Backbone and crop geometry of the features, and the spot geometry, as recorded by ``hst.pp``."""
+    uns = adatas[0].uns.get(Key.UNS, {})
+    rec = uns.get(Key.UNS_FEATURES)
+    spots = {}
+    meta = uns.get(Key.UNS_SPOTS)
+    if isinstance(meta, Mapping) and meta:
+        first = next(iter(meta.values()))
+        spots = {k: first[k] for k in ("layout", "spot_diameter", "pitch") if k in first}
+    if not isinstance(rec, Mapping):
+        return None, None, spots
+    return rec.get("backbone"), rec.get("crop_geometry"), spots
+
+
+def _ensure_features(
+    items: list[Any], options: DataOptions, image: ImageOptions, *, device: str, progress: bool
+) -> None:
+    """Compute image features for SpatialData items whose table lacks them (default keys only)."""
+    from anndata import AnnData
+
+    from hyperst.pp._features import image_features
+
+    for item in items:
+        if isinstance(item, AnnData) or not hasattr(item, "tables"):
+            continue
+        (table,) = tables([item], options.table_key)
+        if options.spot_key in table.obsm and options.niche_key in table.obsm:
+            continue
+        if (options.spot_key, options.niche_key) != (Key.OBSM_FEATURES_SPOT, Key.OBSM_FEATURES_NICHE):
+            raise ValueError(
+                f"`.obsm[{options.spot_key!r}]`/`[{options.niche_key!r}]` are missing from a SpatialData table."
+            )
+        image_features(item, table_key=options.table_key, backbone=image.backbone, weights=image.weights,
+                       random_init=image.random_init, geometry=image.geometry, cache_dir=image.cache_dir,
+                       device=device, progress=progress)
+
+
+def _lora_parts(
+    items: list[Any], table_key: str | None, geometry: Any, cache_dir: str | None, progress: bool
+) -> tuple[list[Part], tuple[np.ndarray, np.ndarray], CropGeometry]:
+    from hyperst.pp._features import crops
+
+    parts: list[Part] = []
+    spot, niche = [], []
+    geom = None
+    for item in items:
+        if not hasattr(item, "images"):
+            raise TypeError("`mode='lora'` trains on images: pass SpatialData objects, not AnnData.")
+        for sc in crops(item, geometry=geometry, table_key=table_key, cache_dir=cache_dir, progress=progress):
+            if sc.spots.table_key is None or sc.spots.table_rows is None:
+                raise ValueError(f"Spots `{sc.spots.shapes_key}` have no table with measured expression.")
+            table = item.tables[sc.spots.table_key]
+            parts.append(Part(table, sc.spots.table_rows, table[sc.spots.table_rows].copy()))
+            spot.append(sc.spot)
+            niche.append(sc.niche)
+            if geom is not None and sc.geometry != geom:
+                raise ValueError("The samples were cropped with different geometries: pass `geometry`.")
+            geom = sc.geometry
+    return parts, (_join(spot), _join(niche)), geom
+
+
+def _join(arrays: list[np.ndarray]) -> np.ndarray:
+    """One array over samples; a single (possibly memory-mapped) array is kept as it is."""
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def _tissue_filter(
+    parts: list[Part], crop_arrays: tuple[np.ndarray, np.ndarray] | None, min_tissue: float
+) -> tuple[list[Part], tuple[np.ndarray, np.ndarray] | None]:
+    out, keep_all = [], []
+    for p in parts:
+        if Key.OBS_TISSUE_FRACTION not in p.data.obs.columns:
+            raise ValueError(
+                f"`min_tissue` needs `.obs[{Key.OBS_TISSUE_FRACTION!r}]` (written by `hst.pp.image_features`)."
+            )
+        keep = p.data.obs[Key.OBS_TISSUE_FRACTION].to_numpy() >= min_tissue
+        keep_all.append(keep)
+        out.append(Part(p.table, p.rows[keep], p.data if keep.all() else p.data[keep].copy()))
+    n_dropped = sum(int((~k).sum()) for k in keep_all)
+    logger.info(f"min_tissue={min_tissue}: {n_dropped} spots with less tissue left out")
+    if not any(k.any() for k in keep_all):
+        raise ValueError(f"No spot has a tissue fraction of at least `min_tissue={min_tissue}`.")
+    if crop_arrays is not None:
+        keep = np.concatenate(keep_all)
+        crop_arrays = (crop_arrays[0][keep], crop_arrays[1][keep])
+    return out, crop_arrays
