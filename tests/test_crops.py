@@ -467,3 +467,37 @@ def test_crop_cache_roundtrip(tmp_path: pytest.TempPathFactory) -> None:
     np.testing.assert_array_equal(other.load()["spot"], extract_crops(img, centers + 1, 40.0, out_size=16)[0])
     other.clear()
     assert other.load() is None
+
+
+def test_stacked_crops_behave_like_the_concatenation(tmp_path: pytest.TempPathFactory) -> None:
+    from hyperst.data._crops import StackedCrops
+
+    rng = np.random.default_rng(4)
+    a = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    np.save(tmp_path / "b.npy", b)
+    mb = np.load(tmp_path / "b.npy", mmap_mode="r")
+    ref = np.concatenate([a, b])
+    st = StackedCrops([a, mb])
+    assert st.shape == (8, 8, 8, 3)
+    assert st.dtype == np.uint8
+    assert st.ndim == 4
+    assert len(st) == 8
+    for i in (0, 4, 5, 7, -1):
+        np.testing.assert_array_equal(st[i], ref[i])
+    keep = np.array([True, False, True, False, False, True, True, False])
+    sub = st[keep]
+    assert isinstance(sub, StackedCrops)
+    assert len(sub) == 4
+    np.testing.assert_array_equal(np.asarray(sub), ref[keep])
+    np.testing.assert_array_equal(np.asarray(sub[1:3]), ref[keep][1:3])
+    np.testing.assert_array_equal(np.concatenate(list(st.batches(3))), ref)
+    ds_ref = SpotCropDataset(ref, ref, augment=True, seed=1)
+    ds = pickle.loads(pickle.dumps(SpotCropDataset(st, st, augment=True, seed=1)))
+    for i in range(8):
+        torch.testing.assert_close(ds[i]["spot"], ds_ref[i]["spot"], rtol=0, atol=0)
+        torch.testing.assert_close(ds[i]["niche"], ds_ref[i]["niche"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="differ"):
+        StackedCrops([a, a[:, :4]])
+    with pytest.raises(IndexError):
+        st[8]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import mmap
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from hyperst._constants import IMAGENET_MEAN, IMAGENET_STD
 from hyperst.data._augment import dihedral
 
-__all__ = ["SpotCropDataset"]
+__all__ = ["SpotCropDataset", "StackedCrops"]
 
 
 def _memmap_state(arr: Any) -> Any:
@@ -42,7 +42,7 @@ class SpotCropDataset(Dataset):
     Parameters
     ----------
     spot
-        ``(n, h, w, 3)`` uint8 spot crops (numpy array or :class:`numpy.memmap`), or a callable
+        ``(n, h, w, 3)`` uint8 spot crops (numpy array, :class:`numpy.memmap` or :class:`StackedCrops`), or a callable
         ``source(i)`` returning the spot crop or a ``(spot, niche)`` tuple of ``(h, w, 3)`` uint8 crops.
         A callable must be picklable to be used with ``DataLoader(num_workers > 0)`` under ``spawn``.
     niche
@@ -171,7 +171,7 @@ class SpotCropDataset(Dataset):
         i = int(i) % len(self)
         row = i if self._indices is None else int(self._indices[i])
         k = self.transform_index(i)
-        if isinstance(self.spot, np.ndarray):
+        if not callable(self.spot) or isinstance(self.spot, np.ndarray):
             spot = self.spot[row]
             niche = self.niche[row] if self.niche is not None else None
         else:
@@ -201,3 +201,121 @@ class SpotCropDataset(Dataset):
         state["niche"] = _memmap_restore(state["niche"])
         state["_targets"] = {k: _memmap_restore(v) for k, v in state["_targets"].items()}
         self.__dict__.update(state)
+
+
+class StackedCrops:
+    """Read-only stack of several ``(n_i, h, w, 3)`` crop arrays (e.g. memory-mapped, one per sample), never copied.
+
+    Behaves like the concatenation of the arrays for what crop consumers need: ``shape``, ``dtype``,
+    ``ndim``, ``len``, an integer index (one crop, read from its array) and row selection (a slice, an
+    integer or boolean array) that returns another :class:`StackedCrops` without reading any crop.
+    :meth:`batches` reads consecutive rows batch by batch (for :func:`hyperst.pp.extract_features`);
+    ``numpy.asarray`` materialises the whole stack. Pickles memory-mapped parts by file name.
+
+    Parameters
+    ----------
+    arrays
+        The arrays, each ``(n_i, h, w, 3)`` with the same crop shape and dtype.
+    rows
+        Optional ``(m,)`` int64 rows of the concatenation this stack exposes, in order.
+
+    Raises
+    ------
+    ValueError
+        If the arrays disagree in crop shape or dtype, or ``rows`` is out of range.
+    """
+
+    def __init__(self, arrays: Sequence[Any], rows: np.ndarray | None = None) -> None:
+        self.arrays = list(arrays)
+        if not self.arrays:
+            raise ValueError("StackedCrops needs at least one array.")
+        first = self.arrays[0]
+        for a in self.arrays:
+            same = tuple(a.shape[1:]) == tuple(first.shape[1:]) and np.dtype(a.dtype) == np.dtype(first.dtype)
+            if a.ndim != 4 or not same:
+                raise ValueError(f"StackedCrops: crops {a.shape} {a.dtype} and {first.shape} {first.dtype} differ.")
+        self._offsets = np.cumsum([0] + [int(a.shape[0]) for a in self.arrays])
+        total = int(self._offsets[-1])
+        if rows is not None:
+            rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+            if len(rows) and (rows.min() < 0 or rows.max() >= total):
+                raise ValueError(f"StackedCrops: rows must lie in [0, {total}).")
+        self.rows = rows
+        self._total = total
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``(n, h, w, 3)``."""
+        n = self._total if self.rows is None else len(self.rows)
+        return (n, *tuple(int(v) for v in self.arrays[0].shape[1:]))
+
+    @property
+    def dtype(self) -> np.dtype:
+        """Crop dtype."""
+        return np.dtype(self.arrays[0].dtype)
+
+    @property
+    def ndim(self) -> int:
+        """4."""
+        return 4
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        row = i if self.rows is None else int(self.rows[i])
+        part = int(np.searchsorted(self._offsets, row, side="right")) - 1
+        return part, row - int(self._offsets[part])
+
+    def __getitem__(self, key: Any) -> Any:
+        n = len(self)
+        if isinstance(key, int | np.integer) and not isinstance(key, bool):
+            if not -n <= key < n:
+                raise IndexError(f"index {key} out of range for {n} crops.")
+            part, local = self._locate(int(key) % n)
+            return np.asarray(self.arrays[part][local])
+        base = np.arange(self._total) if self.rows is None else self.rows
+        if isinstance(key, slice):
+            sel = base[key]
+        else:
+            idx = np.asarray(key)
+            if idx.dtype == np.bool_:
+                if idx.shape != (n,):
+                    raise IndexError(f"boolean index of shape {idx.shape} for {n} crops.")
+                sel = base[idx]
+            elif np.issubdtype(idx.dtype, np.integer):
+                sel = base[idx.reshape(-1)]
+            else:
+                raise IndexError(f"StackedCrops: cannot index with {key!r}.")
+        return StackedCrops(self.arrays, sel)
+
+    def batches(self, batch_size: int = 64) -> Iterator[np.ndarray]:
+        """Yield ``(b, h, w, 3)`` copies of consecutive rows, ``batch_size`` at a time.
+
+        Parameters
+        ----------
+        batch_size
+            Rows per batch.
+
+        Yields
+        ------
+        The crops of each batch.
+        """
+        for start in range(0, len(self), batch_size):
+            stop = min(start + batch_size, len(self))
+            yield np.stack([self[i] for i in range(start, stop)])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = np.concatenate(list(self.batches(256))) if len(self) else np.zeros(self.shape, self.dtype)
+        return out if dtype is None else out.astype(dtype)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["arrays"] = [_memmap_state(a) for a in self.arrays]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        state["arrays"] = [_memmap_restore(a) for a in state["arrays"]]
+        self.__dict__.update(state)
+
