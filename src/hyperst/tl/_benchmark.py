@@ -27,6 +27,7 @@ from hyperst.tl._benchmark_methods import (
 )
 from hyperst.tl._benchmark_pool import Job, JobResult, Shared, run_jobs
 from hyperst.tl._benchmark_report import BenchmarkResult
+from hyperst.tl._utils import FOLD_SEP, feature_table, fit_table, fold_genes, group_folds
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -74,15 +75,14 @@ def _run_job(job: Job, shared: Shared) -> JobResult:
         return np.concatenate([xs_all[mask], xn_all[mask]], axis=1)
 
     # fit sees the training + validation groups and holds out the validation group for early stopping
-    fit_table = table[trval] if shared.normalize else table[trval, genes]
-    fit_table = fit_table.copy()
+    train = fit_table(table, trval, genes, normalize=shared.normalize)
     models: dict[str, tuple[Any, float]] = {}
 
     def hyperst_model(preset: str) -> tuple[Any, float]:
         if preset not in models:
             t0 = time.perf_counter()
             model = fit_module.fit(
-                fit_table, genes=genes, preset=preset, seed=job.seed, validation=list(job.val_groups),
+                train, genes=genes, preset=preset, seed=job.seed, validation=list(job.val_groups),
                 normalize=shared.normalize, progress=False, **shared.fit_kwargs,
             )
             models[preset] = (model, time.perf_counter() - t0)
@@ -255,9 +255,6 @@ def benchmark(
     >>> res.summary()  # mean ± std over folds × seeds  # doctest: +SKIP
     >>> res.compare(reference="hyperst")  # paired over folds  # doctest: +SKIP
     """
-    from hyperst.pp._genes import select_genes
-    from hyperst.tl._utils import FOLD_SEP, combined_table, group_folds
-
     names = list(BENCHMARK_METHODS) if methods is None else [str(m) for m in methods]
     unknown = [m for m in names if m not in BENCHMARK_METHODS]
     if unknown:
@@ -282,17 +279,7 @@ def benchmark(
             raise ValueError(f"`fit_kwargs` sets {k!r}: pass it to `benchmark` directly.")
     opts.update(sample_key=sample_key, layer=layer, spot_key=spot_key, niche_key=niche_key)
 
-    table = combined_table(data, table_key, groupby)
-    if groupby not in table.obs.columns:
-        raise ValueError(
-            f"The table has no `.obs[{groupby!r}]` column; columns: {list(table.obs.columns)}. "
-            "Pass the column naming each spot's slide or patient as `groupby`."
-        )
-    if spot_key not in table.obsm:
-        raise ValueError(
-            f"The table has no image features in `.obsm[{spot_key!r}]`. Compute them first with "
-            "`hst.pp.image_features(sdata, backbone=...)`."
-        )
+    table = feature_table(data, table_key, groupby, spot_key)
     chosen = [BENCHMARK_METHODS[m] for m in names]
     needs_niche = [m.name for m in chosen if m.niche]
     if needs_niche and niche_key not in table.obsm:
@@ -312,7 +299,6 @@ def benchmark(
     gsets = dict(DEFAULT_GENE_SETS if gene_sets is None else gene_sets)
     if not gsets:
         raise ValueError("`gene_sets` is empty.")
-    lib = sample_key if sample_key in table.obs.columns else None
     jobs: list[Job] = []
     for held in fold_list:
         fold = FOLD_SEP.join(held)
@@ -336,7 +322,7 @@ def benchmark(
         train_mask = np.isin(labels, train_groups)
         for gname, spec in gsets.items():
             if isinstance(spec, Mapping):
-                genes = select_genes(table[train_mask], layer=layer, library_key=lib, inplace=False, **dict(spec))
+                genes = fold_genes(table, train_mask, layer=layer, sample_key=sample_key, select=spec)
             else:
                 genes = [str(g) for g in spec]
                 missing = [g for g in genes if g not in table.var_names]

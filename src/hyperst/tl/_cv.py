@@ -11,7 +11,7 @@ import pandas as pd
 
 from hyperst._constants import Key
 from hyperst._logging import logger
-from hyperst.tl._utils import FOLD_SEP, combined_table, group_folds
+from hyperst.tl._utils import FOLD_SEP, feature_table, fit_table, fold_genes, group_folds
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -99,7 +99,6 @@ def cross_validate(
         For ``fit_kwargs["mode"] == "lora"``.
     """
     import hyperst.tl._fit as fit_module
-    from hyperst.pp._genes import select_genes
     from hyperst.tl._evaluate import evaluate
 
     fit_opts = dict(fit_kwargs or {})
@@ -128,19 +127,7 @@ def cross_validate(
     normalize = bool(fit_opts.get("normalize", False))
     predict_opts = {k: fit_opts[k] for k in ("spot_key", "niche_key") if k in fit_opts}
 
-    table = combined_table(data, table_key, groupby)
-    if groupby not in table.obs.columns:
-        raise ValueError(
-            f"The table has no `.obs[{groupby!r}]` column; columns: {list(table.obs.columns)}. "
-            "Pass the column naming the slide or patient of each spot as `groupby`."
-        )
-    spot_key = fit_opts.get("spot_key", Key.OBSM_FEATURES_SPOT)
-    if spot_key not in table.obsm:
-        raise ValueError(
-            f"The table has no image features in `.obsm[{spot_key!r}]`. Compute them first with "
-            "`hst.pp.image_features(sdata, backbone=...)` (frozen backbone: no labels are used, so once for all "
-            "folds is fine)."
-        )
+    table = feature_table(data, table_key, groupby, fit_opts.get("spot_key", Key.OBSM_FEATURES_SPOT))
     labels = table.obs[groupby].astype(str).to_numpy()
     fold_list = group_folds(labels, folds, groupby)
     if genes is not None:
@@ -160,19 +147,14 @@ def cross_validate(
         train_mask = ~test_mask
         train_groups = [str(g) for g in pd.unique(labels[train_mask])]
         if genes is None:
-            lib = sample_key if sample_key in table.obs.columns else None
-            fold_genes = select_genes(
-                table[train_mask], layer=layer, library_key=lib, inplace=False, **dict(select_kwargs or {})
-            )
+            chosen = fold_genes(table, train_mask, layer=layer, sample_key=sample_key, select=select_kwargs or {})
         else:
-            fold_genes = list(genes)
-        # fit writes embeddings into its tables: train on a copy (restricted to the fold's genes, unless
-        # normalised targets need every gene for the library size)
-        train = table[train_mask].copy() if normalize else table[train_mask, fold_genes].copy()
+            chosen = list(genes)
+        train = fit_table(table, train_mask, chosen, normalize=normalize)
         test = table[test_mask]
         for seed in seeds:
             t0 = time.perf_counter()
-            model = fit_module.fit(train, genes=fold_genes, seed=seed, **fit_opts)
+            model = fit_module.fit(train, genes=chosen, seed=seed, **fit_opts)
             pred = fit_module.predict(model, test, progress=False, **predict_opts)
             if normalize:
                 from hyperst.pp._genes import targets

@@ -1,8 +1,12 @@
-"""Helpers shared by the ``hst.tl`` modules: the tables behind user data, combined tables, group folds."""
+"""Helpers shared by the ``hst.tl`` modules: the tables behind user data, combined tables, group folds.
+
+And what cross-validation and the benchmark share: the checked feature table, the genes of a fold and
+the table a fold's model is fitted on.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -13,7 +17,7 @@ from hyperst._constants import Key
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
 
-__all__ = ["FOLD_SEP", "combined_table", "group_folds", "tables"]
+__all__ = ["FOLD_SEP", "combined_table", "feature_table", "fit_table", "fold_genes", "group_folds", "tables"]
 
 #: separator of several held-out groups in the ``fold`` column of cross-validation and benchmark results.
 FOLD_SEP = "+"
@@ -97,3 +101,42 @@ def group_folds(labels: np.ndarray, folds: Sequence[Sequence[str] | str] | None,
     if not out:
         raise ValueError("`folds` is empty.")
     return out
+
+
+def feature_table(data: Any, table_key: str | None, groupby: str, spot_key: str) -> AnnData:
+    """:func:`combined_table` of ``data``, checked to have the ``groupby`` column and spot features."""
+    table = combined_table(data, table_key, groupby)
+    if groupby not in table.obs.columns:
+        raise ValueError(
+            f"The table has no `.obs[{groupby!r}]` column; columns: {list(table.obs.columns)}. "
+            "Pass the column naming each spot's slide or patient as `groupby`."
+        )
+    if spot_key not in table.obsm:
+        raise ValueError(
+            f"The table has no image features in `.obsm[{spot_key!r}]`. Compute them first with "
+            "`hst.pp.image_features(sdata, backbone=...)` (frozen backbone: no labels are used, so once for all "
+            "folds is fine)."
+        )
+    return table
+
+
+def fold_genes(
+    table: AnnData, train_mask: np.ndarray, *, layer: str | None, sample_key: str, select: Mapping[str, Any]
+) -> list[str]:
+    """Genes of one fold: :func:`hyperst.pp.select_genes` with ``select`` on the training spots only.
+
+    Libraries are ``.obs[sample_key]`` when the table has that column (else one library).
+    """
+    from hyperst.pp._genes import select_genes
+
+    lib = sample_key if sample_key in table.obs.columns else None
+    return select_genes(table[train_mask], layer=layer, library_key=lib, inplace=False, **dict(select))
+
+
+def fit_table(table: AnnData, mask: np.ndarray, genes: Sequence[str], *, normalize: bool) -> AnnData:
+    """A copy of the spots ``mask`` to fit on (``fit`` writes into its tables).
+
+    Restricted to ``genes`` unless ``normalize``: library-size normalised targets need every gene.
+    """
+    sub = table[mask] if normalize else table[mask, list(genes)]
+    return sub.copy()
