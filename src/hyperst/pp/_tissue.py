@@ -97,7 +97,7 @@ def _downsampled_rgb(image: Any, factor: float, *, at_least: bool) -> tuple[np.n
         raise ValueError(f"`image` has unsupported dtype {dtype}; expected uint8 RGB.")
     if k > 1:
         if not isinstance(data, da.Array):
-            data = da.from_array(np.asarray(data), chunks=(3, 4096, 4096))
+            data = da.from_array(np.asarray(data), chunks=(3, 1024, 1024))  # float32 blocks of 12 MB
         h, w = int(data.shape[1]), int(data.shape[2])
         pad = ((0, 0), (0, -h % k), (0, -w % k))
         if pad[1][1] or pad[2][1]:  # pad with white (background), so the mask covers the whole image
