@@ -18,13 +18,7 @@ import pandas as pd
 from hyperst._constants import Key
 from hyperst._logging import logger
 from hyperst._utils import jsonable
-from hyperst.tl._benchmark_methods import (
-    BENCHMARK_METHODS,
-    BenchmarkMethod,
-    mlp_grid_predict,
-    retrieval_predict,
-    ridge_predict,
-)
+from hyperst.tl._benchmark_methods import BENCHMARK_METHODS, FEATURE_BASELINES, BenchmarkMethod, retrieval_predict
 from hyperst.tl._benchmark_pool import Job, JobResult, Shared, run_jobs
 from hyperst.tl._benchmark_report import BenchmarkResult
 from hyperst.tl._utils import FOLD_SEP, feature_table, fit_table, fold_genes, group_folds
@@ -98,16 +92,9 @@ def _run_job(job: Job, shared: Shared) -> JobResult:
         t0 = time.perf_counter()
         info: dict[str, Any] = {}
         fit_seconds = predict_seconds = 0.0
-        if method.kind == "mean":
-            pred = np.tile(ytr.mean(0), (int(test.sum()), 1))
-            fit_seconds = time.perf_counter() - t0
-        elif method.kind == "ridge":
-            pred, info = ridge_predict(feats(fitm, method.niche), ytr, feats(val, method.niche), yva,
-                                feats(test, method.niche), job.seed)
-            fit_seconds = time.perf_counter() - t0
-        elif method.kind == "mlp":
-            pred, info = mlp_grid_predict(feats(fitm, method.niche), ytr, feats(val, method.niche), yva,
-                                   feats(test, method.niche), job.seed)
+        if method.kind in FEATURE_BASELINES:  # fit and predict on the feature arrays
+            pred, info = FEATURE_BASELINES[method.kind](feats(fitm, method.niche), ytr, feats(val, method.niche), yva,
+                                                        feats(test, method.niche), job.seed)
             fit_seconds = time.perf_counter() - t0
         elif method.kind == "hyperst":
             model, fit_seconds = hyperst_model(str(method.preset))
@@ -134,7 +121,7 @@ def _run_job(job: Job, shared: Shared) -> JobResult:
             # the cost of running this method alone: its network's fit plus the retrieval
             fit_seconds = base_seconds + (time.perf_counter() - t1)
             info["reused_fit"] = reused
-        else:  # pragma: no cover - guarded by BenchmarkMethod validation
+        else:  # pragma: no cover - every registered kind is handled above
             raise ValueError(method.kind)
         pred = np.asarray(pred, dtype=np.float32)
         ev = evaluate(yte, pred, truth_transform="none", groups=groups_test, ks=shared.ks)

@@ -3,13 +3,13 @@
 :data:`BENCHMARK_METHODS` names every method (HyperST variants, ablations, baselines). The baselines are
 plain functions of train / validation / test arrays: each chooses its hyperparameter (ridge α, MLP
 learning rate and dropout, retrieval k) on the validation spots and returns the test prediction and what
-it chose. A new baseline is a function here, a ``kind`` in :class:`BenchmarkMethod` and a branch in
-``hyperst.tl._benchmark``'s job.
+it chose. A new baseline on the feature arrays is a function here, its ``kind`` in :data:`MethodKind` and
+:data:`FEATURE_BASELINES`, and an entry in the registry; the benchmark's job calls it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,11 +17,14 @@ import numpy as np
 
 __all__ = [
     "BENCHMARK_METHODS",
+    "FEATURE_BASELINES",
     "MLP_GRID",
     "RETRIEVAL_KS",
     "RIDGE_ALPHAS",
     "BenchmarkMethod",
+    "MethodKind",
     "Prediction",
+    "mean_predict",
     "mlp_grid_predict",
     "mlp_predict",
     "mse",
@@ -117,6 +120,13 @@ def standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
 def mse(a: np.ndarray, b: np.ndarray) -> float:
     """Mean squared difference of ``a`` and ``b`` over all entries."""
     return float(np.mean((a - b) ** 2))
+
+
+def mean_predict(
+    xtr: np.ndarray, ytr: np.ndarray, xva: np.ndarray, yva: np.ndarray, xte: np.ndarray, seed: int
+) -> Prediction:
+    """The training mean of each gene for every test spot (nothing to choose)."""
+    return np.tile(ytr.mean(0), (len(xte), 1)), {}
 
 
 def ridge_predict(
@@ -251,3 +261,12 @@ def retrieval_predict(
     losses = {k: mse(y_tr[order["val"][:, :k]].mean(1), y_val) for k in ks}
     k = min(losses, key=losses.get)
     return y_tr[order["test"][:, :k]].mean(1).astype(np.float32), {"k": k, "val_mse": losses[k]}
+
+
+#: The baselines that fit on feature arrays, by :attr:`BenchmarkMethod.kind`: each is called as
+#: ``f(x_fit, y_fit, x_val, y_val, x_test, seed)`` and returns a :data:`Prediction`.
+FEATURE_BASELINES: dict[str, Callable[..., Prediction]] = {
+    "mean": mean_predict,
+    "ridge": ridge_predict,
+    "mlp": mlp_grid_predict,
+}
