@@ -96,6 +96,8 @@ def extract_features(
             tqdm(total=n_total, disable=not progress, desc="features", unit="crop") as bar,
         ):
             for chunk in _rebatch(batches, batch_size):
+                if not chunk.flags.writeable:  # memory-mapped crops: torch wants writable memory
+                    chunk = chunk.copy()
                 x = torch.from_numpy(chunk).to(dev).permute(0, 3, 1, 2).float().div_(255.0)
                 if input_size is not None and tuple(x.shape[-2:]) != (input_size, input_size):
                     x = F.interpolate(

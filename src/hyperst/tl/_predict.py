@@ -83,11 +83,14 @@ def _predict_spatialdata(
         raise ValueError(f"`sdata` already has a table {key_added!r}; pass another `key_added`.")
     if len(sdata.shapes) == 0 and len(sdata.points) == 0 and shapes_key is None:
         from hyperst.pp import grid_spots
+        from hyperst.pp._layout import layout_defaults
 
         geom = model.crop_geometry
         pre = model.preprocessing
-        opts = {"spot_diameter": pre.get("spot_diameter", 55.0), "pitch": pre.get("pitch", 100.0),
-                "layout": "visium" if pre.get("layout", "visium") == "visium" else "square"}
+        layout = pre.get("layout", "visium")
+        diameter, pitch = layout_defaults(layout if layout in ("visium", "st") else "visium")
+        opts = {"spot_diameter": pre.get("spot_diameter", diameter), "pitch": pre.get("pitch", pitch),
+                "layout": "visium" if layout == "visium" else "square"}
         opts.update(grid or {})
         if pixel_size is None and "pixel_size" not in opts:
             raise ValueError("`sdata` has no spots: pass `pixel_size` (µm per pixel) to place pseudo-spots.")
