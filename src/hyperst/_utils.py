@@ -6,8 +6,9 @@ imports a private name of another one.
 
 from __future__ import annotations
 
+import importlib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -15,7 +16,37 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["jsonable", "pearson_per_gene", "resolve_device", "spot_pitch"]
+__all__ = ["jsonable", "lazy_module", "pearson_per_gene", "resolve_device", "spot_pitch"]
+
+
+def lazy_module(
+    name: str, table: Mapping[str, str], namespace: dict[str, Any], public: list[str]
+) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """``__getattr__`` and ``__dir__`` of a package whose members load on first use (spatialdata's pattern).
+
+    Parameters
+    ----------
+    name
+        The package (for the error message).
+    table
+        Member name → module that defines it.
+    namespace
+        The package's ``globals()``: a loaded member is cached there.
+    public
+        The package's ``__all__``.
+    """
+
+    def getattr_(attr: str) -> Any:
+        if attr in table:
+            value = getattr(importlib.import_module(table[attr]), attr)
+            namespace[attr] = value
+            return value
+        raise AttributeError(f"module {name!r} has no attribute {attr!r}")
+
+    def dir_() -> list[str]:
+        return sorted(public)
+
+    return getattr_, dir_
 
 
 def jsonable(value: Any, *, drop_none: bool = False) -> Any:

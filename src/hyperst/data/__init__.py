@@ -6,8 +6,9 @@ nor numba; each name loads its module on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from hyperst._utils import lazy_module
 
 if TYPE_CHECKING:  # pragma: no cover
     from hyperst.data._augment import dihedral, dihedral_inverse
@@ -41,13 +42,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY_IMPORTS:
-        value = getattr(importlib.import_module(_LAZY_IMPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'hyperst.data' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_module("hyperst.data", _LAZY_IMPORTS, globals(), __all__)

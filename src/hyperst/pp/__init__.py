@@ -15,8 +15,9 @@ numba; each name loads its module on first use (``hst.pp.niches`` needs neither)
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from hyperst._utils import lazy_module
 
 if TYPE_CHECKING:  # pragma: no cover
     from hyperst.data._augment import dihedral
@@ -99,13 +100,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY_IMPORTS:
-        value = getattr(importlib.import_module(_LAZY_IMPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'hyperst.pp' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_module("hyperst.pp", _LAZY_IMPORTS, globals(), __all__)

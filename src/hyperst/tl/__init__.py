@@ -10,10 +10,11 @@ from hyperst.data._modules import spatial_block_split
 from hyperst.tl._benchmark import BENCHMARK_METHODS, BenchmarkMethod, BenchmarkResult, benchmark
 from hyperst.tl._cv import cross_validate
 from hyperst.tl._evaluate import Evaluation, evaluate, pcc_at_k, pearson_per_gene
-from hyperst.tl._fit import fit, predict
+from hyperst.tl._fit import fit
 from hyperst.tl._lora import LoraSpec
 from hyperst.tl._model import HyperST
 from hyperst.tl._options import DataOptions, ImageOptions, TrainerOptions, TrainOptions
+from hyperst.tl._predict import predict
 
 __all__ = [
     "BENCHMARK_METHODS",

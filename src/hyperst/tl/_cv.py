@@ -100,6 +100,7 @@ def cross_validate(
     """
     import hyperst.tl._fit as fit_module
     from hyperst.tl._evaluate import evaluate
+    from hyperst.tl._predict import predict
 
     fit_opts = dict(fit_kwargs or {})
     clash = [k for k in _RESERVED if k in fit_opts]
@@ -155,7 +156,7 @@ def cross_validate(
         for seed in seeds:
             t0 = time.perf_counter()
             model = fit_module.fit(train, genes=chosen, seed=seed, **fit_opts)
-            pred = fit_module.predict(model, test, progress=False, **predict_opts)
+            pred = predict(model, test, progress=False, **predict_opts)
             if normalize:
                 from hyperst.pp._genes import targets
 

@@ -1,8 +1,8 @@
-"""``hst.tl.fit`` and ``hst.tl.predict``: thin scanpy-style wrappers over :class:`hyperst.tl.HyperST`.
+"""``hst.tl.fit``: the thin scanpy-style wrapper over :class:`hyperst.tl.HyperST`'s setup and training.
 
 ``fit`` groups its keywords into the option objects of :mod:`hyperst.tl._options`, then runs
-:meth:`HyperST.setup` → :meth:`HyperST.train` and writes the embeddings into the training tables;
-``predict`` is :meth:`HyperST.predict`.
+:meth:`HyperST.setup` → :meth:`HyperST.train` and writes the embeddings into the training tables.
+(``hst.tl.predict``, the model's ``predict``, lives in :mod:`hyperst.tl._predict`.)
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from hyperst.pp import CropGeometry
 
-__all__ = ["fit", "predict"]
+__all__ = ["fit"]
 
 
 # ---------------------------------------------------------------------------------------------- fit
@@ -267,69 +267,3 @@ def _write_embeddings(model: HyperST, keys: Mapping[str, str], *, progress: bool
                 p.table.obsm[keys[k]] = full
         p.table.uns.setdefault(Key.UNS, {})[Key.UNS_FIT] = record
         offset += n
-
-
-# ---------------------------------------------------------------------------------------------- predict
-def predict(
-    model: HyperST,
-    data: AnnData | SpatialData,
-    *,
-    spot_key: str = Key.OBSM_FEATURES_SPOT,
-    niche_key: str = Key.OBSM_FEATURES_NICHE,
-    layer: Literal["auto"] | bool = "auto",
-    table_key: str | None = None,
-    shapes_key: str | None = None,
-    image_key: str | None = None,
-    pixel_size: float | None = None,
-    key_added: str = Key.TABLE_PREDICTION,
-    grid: Mapping[str, Any] | None = None,
-    device: str = "auto",
-    batch_size: int = 1024,
-    progress: bool = True,
-) -> AnnData:
-    """Predict expression from H&E alone.
-
-    Works on a table with precomputed features, and on SpatialData that has spots with or without a
-    table, or only an H&E image: then pseudo-spots are placed on a regular grid over the tissue at the
-    model's spot geometry (:func:`hyperst.pp.grid_spots`). For SpatialData, image features are computed
-    with the model's backbone and crop geometry (:func:`hyperst.pp.image_features`, reused when
-    present) and the result is added as a new table annotating the spots.
-
-    Parameters
-    ----------
-    model
-        A trained :class:`HyperST`.
-    data
-        AnnData with features in ``.obsm`` (not modified), or SpatialData.
-    spot_key, niche_key
-        ``.obsm`` keys of the features.
-    layer
-        Where the prediction goes in the returned table: ``"auto"`` puts it in
-        ``.layers["hyperst_pred"]`` when the input table holds measured counts of the model's genes
-        (``.X`` then keeps those counts), else in ``.X``; ``True``/``False`` force either.
-    table_key, shapes_key, image_key, pixel_size
-        SpatialData only: which elements to use (see :func:`hyperst.pp.resolve_spots`).
-    key_added
-        SpatialData only: name of the new prediction table.
-    grid
-        SpatialData without spots only: options of :func:`hyperst.pp.grid_spots` (e.g.
-        ``{"min_tissue": 0.5, "layout": "visium"}``).
-    device
-        Device of the backbone for SpatialData input.
-    batch_size
-        Spots per forward pass of the HyperST heads.
-    progress
-        Show progress bars.
-
-    Returns
-    -------
-    A new AnnData over the spots and the model's genes with the prediction (log2(1 + counts) scale),
-    the image embeddings in ``.obsm["X_hyperst"]`` / ``.obsm["X_hyperst_niche"]``, a confidence score in
-    ``.obs["hyperst_confidence"]`` (see :meth:`HyperST.confidence`), and the input's ``.obs`` and
-    ``.obsm["spatial"]``. For SpatialData it is also stored as ``sdata.tables[key_added]``.
-    """
-    return model.predict(
-        data, spot_key=spot_key, niche_key=niche_key, layer=layer, table_key=table_key, shapes_key=shapes_key,
-        image_key=image_key, pixel_size=pixel_size, key_added=key_added, grid=grid, device=device,
-        batch_size=batch_size, progress=progress,
-    )

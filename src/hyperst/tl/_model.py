@@ -415,10 +415,13 @@ class HyperST:
         return self.registered
 
     def predict(self, data: AnnData | Any, **kwargs: Any) -> AnnData:
-        """Predict expression from H&E alone; see :func:`hyperst.tl.predict` for the options and the output."""
-        from hyperst.tl._predict import predict_data
+        """Predict expression from H&E alone: ``hst.tl.predict(self, data, **kwargs)``.
 
-        return predict_data(self, data, **kwargs)
+        See :func:`hyperst.tl.predict` for the options and the output.
+        """
+        from hyperst.tl._predict import predict
+
+        return predict(self, data, **kwargs)
 
     @torch.inference_mode()
     def get_embeddings(

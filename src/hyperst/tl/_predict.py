@@ -1,6 +1,6 @@
 """Prediction from H&E alone: on tables with image features, on SpatialData with spots, or on a bare image.
 
-:meth:`hyperst.tl.HyperST.predict` and :func:`hyperst.tl.predict` call :func:`predict_data`.
+:func:`hyperst.tl.predict` is also the model's :meth:`hyperst.tl.HyperST.predict`.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from hyperst.tl._model import HyperST
 
-__all__ = ["predict_data"]
+__all__ = ["predict"]
 
 
-def predict_data(
+def predict(
     model: HyperST,
     data: AnnData | SpatialData,
     *,
@@ -42,7 +42,47 @@ def predict_data(
     batch_size: int = 1024,
     progress: bool = True,
 ) -> AnnData:
-    """Predict with ``model`` on ``data`` (see :func:`hyperst.tl.predict`)."""
+    """Predict expression from H&E alone.
+
+    Works on a table with precomputed features, and on SpatialData that has spots with or without a
+    table, or only an H&E image: then pseudo-spots are placed on a regular grid over the tissue at the
+    model's spot geometry (:func:`hyperst.pp.grid_spots`). For SpatialData, image features are computed
+    with the model's backbone and crop geometry (:func:`hyperst.pp.image_features`, reused when
+    present) and the result is added as a new table annotating the spots.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`HyperST`.
+    data
+        AnnData with features in ``.obsm`` (not modified), or SpatialData.
+    spot_key, niche_key
+        ``.obsm`` keys of the features.
+    layer
+        Where the prediction goes in the returned table: ``"auto"`` puts it in
+        ``.layers["hyperst_pred"]`` when the input table holds measured counts of the model's genes
+        (``.X`` then keeps those counts), else in ``.X``; ``True``/``False`` force either.
+    table_key, shapes_key, image_key, pixel_size
+        SpatialData only: which elements to use (see :func:`hyperst.pp.resolve_spots`).
+    key_added
+        SpatialData only: name of the new prediction table.
+    grid
+        SpatialData without spots only: options of :func:`hyperst.pp.grid_spots` (e.g.
+        ``{"min_tissue": 0.5, "layout": "visium"}``).
+    device
+        Device of the backbone for SpatialData input.
+    batch_size
+        Spots per forward pass of the HyperST heads.
+    progress
+        Show progress bars.
+
+    Returns
+    -------
+    A new AnnData over the spots and the model's genes with the prediction (log2(1 + counts) scale),
+    the image embeddings in ``.obsm["X_hyperst"]`` / ``.obsm["X_hyperst_niche"]``, a confidence score in
+    ``.obs["hyperst_confidence"]`` (see :meth:`HyperST.confidence`), and the input's ``.obs`` and
+    ``.obsm["spatial"]``. For SpatialData it is also stored as ``sdata.tables[key_added]``.
+    """
     from anndata import AnnData
 
     if isinstance(data, AnnData):
