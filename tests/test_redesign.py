@@ -88,6 +88,12 @@ def test_lora_fit_is_bit_identical_to_the_pre_redesign_main(baseline, one_thread
         max_epochs=3, batch_size=16, lr=3e-3, progress=False, seed=2,
     )
     assert isinstance(model.datamodule(hst.tl.TrainOptions(seed=2)), hst.data.CropDataModule)
+    # the crops of both slides stay on disk: one stack over the memory-mapped crop caches, nothing copied
+    stack = model.registered.spot
+    assert isinstance(stack, hst.data.StackedCrops)
+    assert len(stack.arrays) == 2
+    assert all(isinstance(a, np.memmap) for a in stack.arrays)
+    assert stack.shape == (72, 224, 224, 3)
     pred = hst.tl.predict(model, test, key_added="pred", progress=False)
     np.testing.assert_array_equal(np.asarray(pred.layers[Key.LAYER_PRED]), baseline["lora_pred"])
 

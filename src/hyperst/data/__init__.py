@@ -13,7 +13,7 @@ from hyperst._utils import lazy_module
 if TYPE_CHECKING:  # pragma: no cover
     from hyperst.data._augment import dihedral, dihedral_inverse
     from hyperst.data._cache import CropCache
-    from hyperst.data._crops import SpotCropDataset
+    from hyperst.data._crops import SpotCropDataset, StackedCrops
     from hyperst.data._features import FeatureData, FeatureDataset
     from hyperst.data._modules import CropDataModule, DataSplitter, FeatureDataModule
 
@@ -22,6 +22,7 @@ _LAZY_IMPORTS: dict[str, str] = {
     "dihedral_inverse": "hyperst.data._augment",
     "CropCache": "hyperst.data._cache",
     "SpotCropDataset": "hyperst.data._crops",
+    "StackedCrops": "hyperst.data._crops",
     "FeatureData": "hyperst.data._features",
     "FeatureDataset": "hyperst.data._features",
     "CropDataModule": "hyperst.data._modules",
@@ -37,6 +38,7 @@ __all__ = [
     "FeatureDataModule",
     "FeatureDataset",
     "SpotCropDataset",
+    "StackedCrops",
     "dihedral",
     "dihedral_inverse",
 ]

@@ -294,7 +294,8 @@ class CropDataModule(SpotDataModule):
     Parameters
     ----------
     spot, niche
-        ``(n, s, s, 3)`` uint8 crops (memory-mapped arrays stream from disk); ``niche`` may be ``None``.
+        ``(n, s, s, 3)`` uint8 crops: arrays, memory-mapped arrays or a :class:`~hyperst.data.StackedCrops`
+        (read from disk item by item); ``niche`` may be ``None``.
     targets
         ``{"targets": (n, G), "niche_targets": (n, G)}`` (niche targets optional).
     mean, std

@@ -1,7 +1,7 @@
 """Preprocessing: from SpatialData to spot/niche crops, niches, gene targets and image features.
 
 - :func:`resolve_spots` / :func:`spot_table`: find each sample's image, spots and table, in pixels;
-- :func:`niches`: neighbour graph and niche expression;
+- :func:`niches` / :func:`aggregate_niches`: neighbour graph and niche expression (over any graph);
 - :func:`select_genes` / :func:`targets`: genes to predict and their log2(1 + counts) targets;
 - :func:`crops` / :class:`SpotCropDataset`: physical spot and niche crops, streamed from the pyramid;
 - :func:`image_features`: frozen backbone features of every spot and niche crop;
@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from hyperst.pp._features import SampleCrops, crop_geometry, crops, image_features
     from hyperst.pp._genes import select_genes, targets
     from hyperst.pp._layout import LAYOUTS, CropGeometry
-    from hyperst.pp._niches import niches
+    from hyperst.pp._niches import aggregate_niches, niches
     from hyperst.pp._pyramid import ImagePyramid
     from hyperst.pp._spots import SampleSpots, resolve_spots, spot_table
     from hyperst.pp._tissue import grid_spots, tissue_fraction, tissue_mask, tissue_threshold
@@ -59,6 +59,7 @@ _LAZY_IMPORTS: dict[str, str] = {
     "image_features": "hyperst.pp._features",
     "select_genes": "hyperst.pp._genes",
     "targets": "hyperst.pp._genes",
+    "aggregate_niches": "hyperst.pp._niches",
     "niches": "hyperst.pp._niches",
     "SampleSpots": "hyperst.pp._spots",
     "resolve_spots": "hyperst.pp._spots",
@@ -79,6 +80,7 @@ __all__ = [
     "SampleCrops",
     "SampleSpots",
     "SpotCropDataset",
+    "aggregate_niches",
     "crop_geometry",
     "crops",
     "dihedral",

@@ -126,14 +126,18 @@ class HyperST:
         """The fine-tuned (LoRA) backbone, or ``None`` for models trained on frozen features."""
         return None if self.image_model is None else self.image_model.backbone.backbone
 
-    def crop_features(self, crops: np.ndarray, *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        """Features of uint8 crops ``(n, s, s, 3)`` from the fine-tuned backbone (LoRA models only)."""
+    def crop_features(self, crops: Any, *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """Features of uint8 crops ``(n, s, s, 3)`` from the fine-tuned backbone (LoRA models only).
+
+        ``crops`` is an array or a :class:`~hyperst.data.StackedCrops` (read batch by batch).
+        """
         from hyperst.pp import extract_features
 
         if self.image_backbone is None:
             raise ValueError("This model was trained on frozen features: compute them with `hst.pp.image_features`.")
-        return extract_features(self.image_backbone, crops, device=self.device, batch_size=batch_size,
-                                progress=progress)
+        source = crops.batches(batch_size) if hasattr(crops, "batches") else crops
+        return extract_features(self.image_backbone, source, device=self.device, batch_size=batch_size,
+                                n_total=len(crops), progress=progress)
 
     def __repr__(self) -> str:
         cfg = self.config

@@ -52,7 +52,8 @@ class TrainingData:
     samples, coords
         Sample label and spot centre (or ``None`` when unknown) of every row.
     spot, niche
-        Frozen mode: backbone features ``(n, D)``. LoRA mode: uint8 crops ``(n, s, s, 3)``.
+        Frozen mode: backbone features ``(n, D)``. LoRA mode: uint8 crops ``(n, s, s, 3)`` as a
+        :class:`~hyperst.data.StackedCrops` over the samples' memory-mapped crop caches.
     backbone, crop_geometry, spot_geometry
         Provenance records (backbone spec, crop geometry, spot layout) of the image inputs.
     """
@@ -203,7 +204,7 @@ def _ensure_features(
     """Compute image features for SpatialData items whose table lacks them (default keys only)."""
     from anndata import AnnData
 
-    from hyperst.pp._features import image_features
+    from hyperst.pp import image_features
 
     for item in items:
         if isinstance(item, AnnData) or not hasattr(item, "tables"):
@@ -223,7 +224,8 @@ def _ensure_features(
 def _lora_parts(
     items: list[Any], table_key: str | None, geometry: Any, cache_dir: str | None, progress: bool
 ) -> tuple[list[Part], tuple[np.ndarray, np.ndarray], CropGeometry]:
-    from hyperst.pp._features import crops
+    from hyperst.data import StackedCrops
+    from hyperst.pp import crops
 
     parts: list[Part] = []
     spot, niche = [], []
@@ -241,12 +243,8 @@ def _lora_parts(
             if geom is not None and sc.geometry != geom:
                 raise ValueError("The samples were cropped with different geometries: pass `geometry`.")
             geom = sc.geometry
-    return parts, (_join(spot), _join(niche)), geom
-
-
-def _join(arrays: list[np.ndarray]) -> np.ndarray:
-    """One array over samples; a single (possibly memory-mapped) array is kept as it is."""
-    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+    # one stack over the samples' memory-mapped crops: nothing is read into memory here
+    return parts, (StackedCrops(spot), StackedCrops(niche)), geom
 
 
 def _tissue_filter(
@@ -267,5 +265,5 @@ def _tissue_filter(
         raise ValueError(f"No spot has a tissue fraction of at least `min_tissue={min_tissue}`.")
     if crop_arrays is not None:
         keep = np.concatenate(keep_all)
-        crop_arrays = (crop_arrays[0][keep], crop_arrays[1][keep])
+        crop_arrays = (crop_arrays[0][keep], crop_arrays[1][keep])  # row selection, no copy
     return out, crop_arrays
