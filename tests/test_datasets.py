@@ -16,7 +16,7 @@ from scipy.spatial import cKDTree
 
 from hyperst._constants import Key
 from hyperst.datasets._her2st import _read_tables, her2st
-from hyperst.datasets._synthetic import BACKGROUND, LAYOUTS, TISSUES, synthetic
+from hyperst.datasets._synthetic import BACKGROUND, TISSUES, synthetic
 from hyperst.datasets._utils import (
     combine_genes,
     fit_pixels_per_step,
@@ -25,6 +25,7 @@ from hyperst.datasets._utils import (
     reindex_columns,
     spot_metadata,
 )
+from hyperst.pp._layout import LAYOUTS
 
 HER2ST = Path(__file__).parents[1] / ".." / "shared" / "data" / "her2st"
 README_SPOTS = {"C2": 187, "C3": 180, "C4": 184, "C5": 181, "C6": 178}
@@ -100,11 +101,11 @@ def test_synthetic_deterministic(syn):
     np.testing.assert_array_equal(_image(single, "sample0"), _image(syn, "sample0"))
 
 
-@pytest.mark.parametrize("layout", ["visium", "st"])
-def test_synthetic_grid_geometry(layout):
+@pytest.mark.parametrize(("layout", "pitch", "diameter"), [("visium", 100.0, 55.0), ("st", 200.0, 100.0)])
+def test_synthetic_grid_geometry(layout, pitch, diameter):
     pixel_size = 2.0
     sd = synthetic(layout=layout, n_samples=1, n_rows=6, n_cols=7, pixel_size=pixel_size)
-    pitch, diameter = LAYOUTS[layout]
+    assert LAYOUTS[layout] == {"spot_diameter": diameter, "pitch": pitch}
     table = sd["table"]
     assert table.uns[Key.UNS][Key.UNS_SPOTS]["sample0"]["layout"] == layout
     xy_um = table.obsm[Key.OBSM_SPATIAL] * pixel_size

@@ -116,3 +116,20 @@ def test_her2st_efficientnet_features() -> None:
     assert (tf > 0.15).mean() > 0.9
     geom = table.uns[Key.UNS][Key.UNS_FEATURES]["crop_geometry"]
     assert geom["niche_size_um"] == pytest.approx(500.0)  # 3 × 3 ST neighbourhood
+
+
+def test_image_features_stream_hands_memory_back_every_eight_batches(sdata, monkeypatch) -> None:
+    import hyperst.pp._features as features
+
+    calls = []
+    monkeypatch.setattr(features, "release_memory", lambda **kw: calls.append(kw))
+    net = hst.pp.load_backbone("resnet10t", random_init=True)  # one random backbone for both runs
+    opts = {"backbone": net, "progress": False, "batch_size": 4}
+    table = hst.pp.image_features(sdata, **opts)
+    # 2 slides × 2 streams (spot, niche) × 64 spots / 4 per batch = 64 batches: a hand-back after every 8th
+    assert len(calls) == 8
+    assert all(kw == {"collect": False} for kw in calls)
+    first = table.obsm[Key.OBSM_FEATURES_SPOT].copy()
+    monkeypatch.setattr(features, "release_memory", lambda **kw: None)
+    again = hst.pp.image_features(sdata, recompute=True, **opts)
+    np.testing.assert_array_equal(again.obsm[Key.OBSM_FEATURES_SPOT], first)  # numbers do not depend on it

@@ -153,3 +153,23 @@ def test_data_splitter_rules() -> None:
         DataSplitter(two, None, validation="spatial").split()
     with pytest.raises(ValueError, match="unknown samples"):
         DataSplitter(two, validation=["z"]).split()
+
+
+def test_api_page_lifecycle_snippet_runs(slides, tmp_path, monkeypatch, one_thread) -> None:
+    import re
+
+    page = (Path(__file__).parents[1] / "docs" / "api.md").read_text()
+    code = re.search(r"<!-- lifecycle-snippet -->\n```python\n(.*?)```", page, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    train = ad.concat(slides[:3], merge="same")
+    train.var["hyperst_selected"] = True  # the genes to predict
+    scope = {"hst": hst, "train": train, "test": slides[3].copy()}
+    exec(compile(code, "docs/api.md", "exec"), scope)
+    model, pred, emb = scope["model"], scope["pred"], scope["embeddings"]
+    assert (tmp_path / "hyperst_model" / "hyperst.json").exists()
+    assert model.is_trained
+    assert pred.layers[Key.LAYER_PRED].shape == (64, len(GENES))
+    assert emb["image_spot"].shape == (192, 64)  # Lorentz space components, one row per training spot
+    # the snippet ends with the model loaded back from its folder: it predicts the same numbers
+    again = model.predict(slides[3].copy())
+    np.testing.assert_array_equal(again.layers[Key.LAYER_PRED], pred.layers[Key.LAYER_PRED])

@@ -25,6 +25,7 @@ from hyperst.datasets._utils import (
     spot_metadata,
     spots_key,
 )
+from hyperst.pp._layout import LAYOUTS, layout_defaults
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
@@ -35,8 +36,6 @@ __all__ = ["synthetic"]
 TISSUES: tuple[str, ...] = ("tumour", "stroma", "immune")
 BACKGROUND = "background"
 
-#: (pitch µm, spot diameter µm) per layout
-LAYOUTS: dict[str, tuple[float, float]] = {"visium": (100.0, 55.0), "st": (200.0, 100.0)}
 
 # Appearance (RGB in [0, 1]) and texture per tissue type. Nuclei are thresholded smooth noise: ``cell`` is the
 # noise cell in µm (y, x before orientation), ``cover`` the area fraction covered by nuclei.
@@ -73,7 +72,7 @@ _MIN_TYPE_FRACTION = 0.15
 # --------------------------------------------------------------------------- geometry
 def _grid(layout: str, n_rows: int, n_cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Spot centres (µm, x/y from the first spot) and array row/col, row-major."""
-    pitch, _ = LAYOUTS[layout]
+    _, pitch = layout_defaults(layout)
     rows, cols = np.divmod(np.arange(n_rows * n_cols), n_cols)
     if layout == "visium":
         array_col = 2 * cols + (rows % 2)  # odd rows are shifted by half a pitch
@@ -321,7 +320,7 @@ def synthetic(
     if not np.isfinite(pixel_size) or pixel_size <= 0:
         raise ValueError(f"`pixel_size={pixel_size!r}` must be a positive number of µm per pixel.")
 
-    pitch, diameter = LAYOUTS[layout]
+    diameter, pitch = layout_defaults(layout)
     spots_um, array_row, array_col = _grid(layout, n_rows, n_cols)
     grid_extent = spots_um.max(0)
     # room for the niche crop (spot + neighbours) around every spot, plus a background border

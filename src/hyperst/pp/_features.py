@@ -15,6 +15,7 @@ import torch
 
 from hyperst._constants import Key
 from hyperst._logging import logger
+from hyperst._utils import release_memory
 from hyperst.data._cache import CropCache
 from hyperst.pp._backbone import BackboneSpec, extract_features, load_backbone, resolve_backbone_spec
 from hyperst.pp._crops import centers_hash, iter_crops
@@ -100,6 +101,8 @@ def _ensure_table(sdata: SpatialData, table_key: str | None, shapes_key: str | S
 
 #: version of the tissue rule stored in cache keys (entries with another rule are recomputed)
 _TISSUE_RULE = "otsu-per-slide-1"
+#: batches between two hand-backs of freed heap pages to the OS while streaming (:func:`release_memory`)
+_TRIM_EVERY = 8
 
 
 def _slide_threshold(image: Any, s: SampleSpots) -> float:
@@ -419,12 +422,14 @@ def _stream(
     """
     if cached is not None:
         arr = cached.spot if name == "spot" else cached.niche
-        for start in range(0, len(arr), batch_size):
+        for k, start in enumerate(range(0, len(arr), batch_size)):
             idx = np.arange(start, min(start + batch_size, len(arr)))
             seen.append(_Seen(idx, np.asarray(cached.pad_fraction[idx]), np.asarray(cached.tissue_fraction[idx])))
             yield np.array(arr[start : start + len(idx)])  # a writable copy of one batch
+            if k % _TRIM_EVERY == _TRIM_EVERY - 1:
+                release_memory(collect=False)
         return
-    for b in iter_crops(image, s.centers_px, side, out_size=geom.out_size, batch_size=batch_size):
+    for k, b in enumerate(iter_crops(image, s.centers_px, side, out_size=geom.out_size, batch_size=batch_size)):
         if name == "spot":
             assert threshold is not None
             frac = tissue_fraction(b.crops, threshold=threshold)
@@ -432,3 +437,5 @@ def _stream(
             frac = np.full(len(b.index), np.nan, dtype=np.float32)
         seen.append(_Seen(b.index, b.pad_fraction, frac))
         yield b.crops
+        if k % _TRIM_EVERY == _TRIM_EVERY - 1:  # freed crop and activation buffers back to the OS
+            release_memory(collect=False)

@@ -11,12 +11,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from hyperst._utils import release_memory
+
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
 
     from hyperst.tl._benchmark_methods import BenchmarkMethod
 
-__all__ = ["Job", "JobResult", "Shared", "release_memory", "run_jobs"]
+__all__ = ["Job", "JobResult", "Shared", "run_jobs"]
 
 #: What a job returns: score rows, timing rows, and the job's record (groups, spot counts, choices).
 JobResult = tuple[list[dict], list[dict], dict]
@@ -72,24 +74,6 @@ def _run_in_worker(job: Job) -> JobResult:
         return _WORKER["run"](job, _WORKER["shared"])
     finally:
         release_memory()
-
-
-def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS after a job.
-
-    Each job builds and drops about ten networks and Trainers; glibc keeps the freed pages, so without the
-    trim a long benchmark grows by ~0.2 GB per job although nothing stays alive.
-    """
-    import gc
-    import sys
-
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        import contextlib
-        import ctypes
-
-        with contextlib.suppress(OSError, AttributeError):  # not glibc (e.g. musl)
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def run_jobs(
