@@ -2,12 +2,17 @@
 
 ``tests/data/redesign_baseline.npz`` holds predictions and embeddings made by ``hst.tl.fit`` /
 ``hst.tl.predict`` of main at commit 0885989 (before :class:`hyperst.tl.HyperST` owned its life cycle),
-with the recipes below, one torch thread, on the project's CPU machine. The redesigned code must give
-them bit for bit: through the ``fit``/``predict`` wrappers and through the model's own verbs.
+with the recipes of :func:`record`, one torch thread, in a fresh process on the project's CPU machine. The
+redesigned code must give them bit for bit, through the ``fit``/``predict`` wrappers and through the model's
+own verbs. The recipes run in a fresh interpreter too (the ``fresh`` fixture), as the baseline did: tests that
+ran before in the same process can leave torch in another state (kernels, thread pools), which moves float32
+results by an ulp.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import anndata as ad
@@ -22,10 +27,74 @@ GENES = [f"g{i}" for i in range(10)]
 FROZEN = {"config": {"emb_dim": 16}, "max_epochs": 12, "lr": 1e-3, "batch_size": 32, "seed": 3, "progress": False}
 
 
+LORA = {
+    "mode": "lora", "backbone": "test_vit", "random_init": True, "lora": {"r": 4, "alpha": 8, "dropout": 0.0,
+    "last_n_blocks": 2}, "config": {"emb_dim": 16, "dropout": 0.0}, "max_epochs": 3, "batch_size": 16, "lr": 3e-3,
+    "progress": False, "seed": 2,
+}
+
+
+def _slides(make_slide) -> list[ad.AnnData]:
+    w = np.random.default_rng(3).normal(scale=0.6, size=(3, len(GENES)))
+    return [make_slide(f"s{i}", 8, i, w, genes=GENES, dim=16) for i in range(4)]
+
+
+def _lora_data():
+    sdata = hst.datasets.synthetic(n_samples=2, n_rows=6, n_cols=6, n_genes=12, seed=5)
+    full = hst.datasets.synthetic(n_samples=3, n_rows=6, n_cols=6, n_genes=12, seed=5)
+    return sdata, full.subset(["sample2_image", "sample2_spots"], filter_tables=True)
+
+
+def record(path: str) -> None:
+    """Run every recipe and save its outputs to ``path`` (called in a fresh interpreter by ``fresh``)."""
+    import torch
+
+    from conftest import feature_slide
+
+    torch.set_num_threads(1)
+    slides = _slides(feature_slide)
+    out: dict[str, np.ndarray] = {}
+    train = ad.concat(slides[:3], merge="same")  # three slides: one held out for early stopping
+    model = hst.tl.fit(train, genes=GENES, **FROZEN)
+    pred = hst.tl.predict(model, slides[3])
+    out["frozen_validation"] = np.array(model.training["validation"])
+    out["frozen_pred"] = pred.layers[Key.LAYER_PRED]
+    out["frozen_emb"] = pred.obsm[Key.OBSM_IMAGE_SPOT]
+    out["frozen_train_emb"] = train.obsm[Key.OBSM_GENE_SPOT]
+    # the same through the model's verbs
+    verbs = hst.tl.HyperST.setup(ad.concat(slides[:3], merge="same"), genes=GENES, config={"emb_dim": 16}, seed=3)
+    verbs.train(hst.tl.TrainOptions(max_epochs=12, lr=1e-3, batch_size=32, seed=3, progress=False))
+    out["verbs_pred"] = verbs.predict(slides[3]).layers[Key.LAYER_PRED]
+    out["verbs_train_emb"] = verbs.get_embeddings()["gene_spot"]
+    # two slides: spatially blocked validation; the Euclidean variant
+    two = ad.concat(slides[:2], merge="same")
+    m2 = hst.tl.fit(two, genes=GENES, preset="euclidean", config={"emb_dim": 16}, max_epochs=10, lr=1e-3,
+                    batch_size=32, seed=1, progress=False)
+    out["spatial_validation"] = np.array(m2.training["validation"])
+    out["spatial_pred"] = hst.tl.predict(m2, slides[3]).layers[Key.LAYER_PRED]
+    # LoRA through a tiny random ViT, predicted from the H&E image of a slide it did not see
+    sdata, test = _lora_data()
+    lora = hst.tl.fit(sdata, genes=list(sdata.tables["table"].var_names), **LORA)
+    out["lora_pred"] = np.asarray(hst.tl.predict(lora, test, key_added="pred", progress=False).layers[Key.LAYER_PRED])
+    np.savez(path, **out)
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory) -> dict[str, np.ndarray]:
+    path = tmp_path_factory.mktemp("redesign") / "fresh.npz"
+    here = Path(__file__).resolve()
+    code = (
+        f"import sys, runpy; sys.path.insert(0, {str(here.parent)!r}); "
+        f"runpy.run_path({str(here)!r})['record']({str(path)!r})"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return dict(np.load(path))
+
+
 @pytest.fixture(scope="module")
 def slides(make_feature_slide):
-    w = np.random.default_rng(3).normal(scale=0.6, size=(3, len(GENES)))
-    return [make_feature_slide(f"s{i}", 8, i, w, genes=GENES, dim=16) for i in range(4)]
+    return _slides(make_feature_slide)
 
 
 @pytest.fixture(scope="module")
@@ -33,23 +102,24 @@ def baseline():
     return np.load(BASELINE)
 
 
-def test_fit_and_predict_are_bit_identical_to_the_pre_redesign_main(slides, baseline, one_thread) -> None:
-    train = ad.concat(slides[:3], merge="same")
-    model = hst.tl.fit(train, genes=GENES, **FROZEN)  # three slides: one held out for early stopping
-    pred = hst.tl.predict(model, slides[3])
-    assert model.training["validation"].startswith("slides")
-    np.testing.assert_array_equal(pred.layers[Key.LAYER_PRED], baseline["frozen_pred"])
-    np.testing.assert_array_equal(pred.obsm[Key.OBSM_IMAGE_SPOT], baseline["frozen_emb"])
-    np.testing.assert_array_equal(train.obsm[Key.OBSM_GENE_SPOT], baseline["frozen_train_emb"])
-    # two slides: spatially blocked validation; the Euclidean variant
-    two = ad.concat(slides[:2], merge="same")
-    m2 = hst.tl.fit(two, genes=GENES, preset="euclidean", config={"emb_dim": 16}, max_epochs=10, lr=1e-3,
-                    batch_size=32, seed=1, progress=False)
-    assert m2.training["validation"] == "spatial blocks"
-    np.testing.assert_array_equal(hst.tl.predict(m2, slides[3]).layers[Key.LAYER_PRED], baseline["spatial_pred"])
+def test_fit_and_predict_are_bit_identical_to_the_pre_redesign_main(fresh, baseline) -> None:
+    assert str(fresh["frozen_validation"]).startswith("slides")
+    assert str(fresh["spatial_validation"]) == "spatial blocks"
+    for key in ("frozen_pred", "frozen_emb", "frozen_train_emb", "spatial_pred"):
+        np.testing.assert_array_equal(fresh[key], baseline[key], err_msg=key)
 
 
-def test_model_verbs_give_the_same_numbers_as_the_wrappers(slides, baseline, one_thread) -> None:
+def test_model_verbs_are_bit_identical_to_the_pre_redesign_main(fresh, baseline) -> None:
+    np.testing.assert_array_equal(fresh["verbs_pred"], baseline["frozen_pred"])
+    np.testing.assert_array_equal(fresh["verbs_train_emb"], baseline["frozen_train_emb"])
+
+
+def test_lora_fit_is_bit_identical_to_the_pre_redesign_main(fresh, baseline) -> None:
+    pytest.importorskip("peft")
+    np.testing.assert_array_equal(fresh["lora_pred"], baseline["lora_pred"])
+
+
+def test_model_life_cycle(slides, one_thread) -> None:
     train = ad.concat(slides[:3], merge="same")
     before = train.copy()
     model = hst.tl.HyperST.setup(train, genes=GENES, config={"emb_dim": 16}, seed=3)
@@ -63,30 +133,26 @@ def test_model_verbs_give_the_same_numbers_as_the_wrappers(slides, baseline, one
     model.train(hst.tl.TrainOptions(max_epochs=12, lr=1e-3, batch_size=32, seed=3, progress=False))
     assert model.is_trained
     assert model.training["epochs"] >= 1
-    pred = model.predict(slides[3])
-    np.testing.assert_array_equal(pred.layers[Key.LAYER_PRED], baseline["frozen_pred"])
     emb = model.get_embeddings()
     assert set(emb) == {"image_spot", "image_niche", "gene_spot", "gene_niche"}
-    np.testing.assert_array_equal(emb["gene_spot"], baseline["frozen_train_emb"])
+    # the wrapper gives the same numbers in the same process, and writes them into the table
+    wrapped_train = ad.concat(slides[:3], merge="same")
+    wrapped = hst.tl.fit(wrapped_train, genes=GENES, **FROZEN)
+    np.testing.assert_array_equal(emb["gene_spot"], wrapped_train.obsm[Key.OBSM_GENE_SPOT])
+    pred = model.predict(slides[3])
+    wrapped_pred = hst.tl.predict(wrapped, slides[3]).layers[Key.LAYER_PRED]
+    np.testing.assert_array_equal(pred.layers[Key.LAYER_PRED], wrapped_pred)
     # keyword overrides of single training options
     again = hst.tl.HyperST.setup(train, genes=GENES, config={"emb_dim": 16}, seed=3)
     again.train(hst.tl.TrainOptions(lr=1e-3, batch_size=32, seed=3, progress=False), max_epochs=12)
-    np.testing.assert_array_equal(again.predict(slides[3]).layers[Key.LAYER_PRED], baseline["frozen_pred"])
+    np.testing.assert_array_equal(again.predict(slides[3]).layers[Key.LAYER_PRED], pred.layers[Key.LAYER_PRED])
 
 
-def test_lora_fit_is_bit_identical_to_the_pre_redesign_main(baseline, one_thread) -> None:
+def test_lora_path_keeps_crops_on_disk(one_thread) -> None:
     pytest.importorskip("peft")
-    import torch
-
-    sdata = hst.datasets.synthetic(n_samples=2, n_rows=6, n_cols=6, n_genes=12, seed=5)
-    full = hst.datasets.synthetic(n_samples=3, n_rows=6, n_cols=6, n_genes=12, seed=5)
-    test = full.subset(["sample2_image", "sample2_spots"], filter_tables=True)
-    torch.manual_seed(0)
-    model = hst.tl.fit(
-        sdata, genes=list(sdata.tables["table"].var_names), mode="lora", backbone="test_vit", random_init=True,
-        lora={"r": 4, "alpha": 8, "dropout": 0.0, "last_n_blocks": 2}, config={"emb_dim": 16, "dropout": 0.0},
-        max_epochs=3, batch_size=16, lr=3e-3, progress=False, seed=2,
-    )
+    sdata, _ = _lora_data()
+    image = hst.tl.ImageOptions(backbone="test_vit", random_init=True, lora=LORA["lora"])
+    model = hst.tl.HyperST.setup(sdata, mode="lora", config=LORA["config"], image=image, seed=2, progress=False)
     assert isinstance(model.datamodule(hst.tl.TrainOptions(seed=2)), hst.data.CropDataModule)
     # the crops of both slides stay on disk: one stack over the memory-mapped crop caches, nothing copied
     stack = model.registered.spot
@@ -94,8 +160,17 @@ def test_lora_fit_is_bit_identical_to_the_pre_redesign_main(baseline, one_thread
     assert len(stack.arrays) == 2
     assert all(isinstance(a, np.memmap) for a in stack.arrays)
     assert stack.shape == (72, 224, 224, 3)
-    pred = hst.tl.predict(model, test, key_added="pred", progress=False)
-    np.testing.assert_array_equal(np.asarray(pred.layers[Key.LAYER_PRED]), baseline["lora_pred"])
+    # min_tissue selects rows of the stack without reading crops
+    options = hst.tl.DataOptions(min_tissue=0.5)
+    kept = hst.tl.HyperST.setup(sdata, mode="lora", config=LORA["config"], image=image, options=options, seed=2,
+                                progress=False)
+    assert isinstance(kept.registered.spot, hst.data.StackedCrops)
+    # the crops' own tissue fractions decide (hst.pp.image_features has not run on this data)
+    assert Key.OBS_TISSUE_FRACTION not in sdata.tables["table"].obs
+    tissue = np.concatenate([p.data.obs[Key.OBS_TISSUE_FRACTION].to_numpy() for p in model.registered.parts])
+    assert 0 < int((tissue >= 0.5).sum()) < 72
+    assert len(kept.registered.spot) == int((tissue >= 0.5).sum())
+    np.testing.assert_array_equal(kept.registered.spot[0], stack[int(np.flatnonzero(tissue >= 0.5)[0])])
 
 
 @pytest.mark.parametrize(

@@ -94,55 +94,19 @@ def fit(
         Model variant (see :data:`hyperst.nn.PRESETS`).
     config
         Overrides of :class:`hyperst.nn.HyperSTConfig` fields (e.g. ``{"emb_dim": 256}``).
-    backbone, weights, random_init
-        Image backbone (see :func:`hyperst.pp.image_features`): used to compute missing features in
-        frozen mode, and fine-tuned in LoRA mode.
-    lora
-        LoRA settings (:class:`LoraSpec`; default r = 8, α = 16, dropout 0.1 on the last 11 blocks).
-    geometry
-        Crop geometry (default from the spot layout, METHOD §1).
-    cache_dir
-        On-disk crop cache (see :func:`hyperst.pp.crops`).
-    augment
-        LoRA mode: random dihedral augmentation of the training crops.
-    validation
-        ``"auto"``: hold out whole slides when there are three or more, else a spatially blocked split
-        (whole blocks of spots, with a one-niche buffer dropped from training so no neighbourhood
-        straddles the split); ``"slide"``, ``"spatial"``; a list of sample names; a boolean mask; or
-        ``None`` (train on everything for ``max_epochs``, no early stopping).
-    val_fraction
-        Fraction of slides (or spots) held out for validation.
-    sample_key
-        ``.obs`` column with sample names.
-    table_key
-        Table of each SpatialData (when it has several).
-    layer
-        Layer with raw counts (default ``.X``).
-    normalize
-        Library-size normalised targets (log2(1 + normalize_total)) instead of log2(1 + raw counts).
-    min_tissue
-        Train only on spots whose crop is at least this fraction tissue (``.obs["hyperst_tissue_fraction"]``,
-        from :func:`hyperst.pp.image_features`; the reference uses 0.15). ``None``: all spots.
-    spot_key, niche_key
-        ``.obsm`` keys of the spot and niche image features (frozen mode).
-    max_epochs, batch_size, lr, weight_decay, patience
-        Optimisation (reference: 200, 128, 1e-4, 0.01, 10). Early stopping and best-weight
-        restoring use the validation loss.
-    seed
-        Seed of the initialisation, split, batching and augmentation: the same seed gives the same
-        model on CPU.
-    device
-        ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
-    precision
-        Lightning precision; ``"auto"``: bf16 mixed on GPU, fp32 on CPU.
-    devices, strategy, num_nodes
-        Passed to the Lightning ``Trainer`` (e.g. ``devices=4, strategy="ddp"``).
-    num_workers
-        DataLoader workers.
-    progress
-        Show progress bars.
-    trainer_kwargs
-        Any other ``Trainer`` option.
+    backbone, weights, random_init, lora, geometry, cache_dir, augment
+        The image side (:class:`ImageOptions`): the backbone that computes missing features in frozen mode
+        and is fine-tuned in LoRA mode, its LoRA settings (:class:`LoraSpec`), the crop geometry, an
+        on-disk crop cache and the dihedral augmentation of LoRA training crops.
+    validation, val_fraction, sample_key, table_key, layer, normalize, min_tissue, spot_key, niche_key
+        Which spots and values the model trains on (:class:`DataOptions`). ``validation="auto"`` holds out
+        whole slides when there are three or more, else spatially blocked spots
+        (:class:`hyperst.data.DataSplitter`); ``None`` trains on everything for ``max_epochs``.
+    max_epochs, batch_size, lr, weight_decay, patience, seed, num_workers, progress
+        Optimisation (:class:`TrainOptions`; reference: 200, 128, 1e-4, 0.01, 10). Early stopping and
+        best-weight restoring use the validation loss; the same seed gives the same model on CPU.
+    device, precision, devices, strategy, num_nodes, trainer_kwargs
+        Where training runs (:class:`TrainerOptions`), e.g. ``devices=4, strategy="ddp"``.
     key_added
         ``.obsm`` key of the image spot embedding written to each training table; the other streams go to
         ``f"{key_added}_niche"``, ``f"{key_added}_gene"`` and ``f"{key_added}_gene_niche"``. The default

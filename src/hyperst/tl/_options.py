@@ -112,8 +112,11 @@ class DataOptions:
     Parameters
     ----------
     validation
-        ``"auto"``, ``"slide"``, ``"spatial"``, sample names, a boolean mask or ``None``
-        (see :class:`hyperst.data.DataSplitter`).
+        ``"auto"``: hold out whole slides when there are three or more, else a spatially blocked split
+        (whole blocks of spots, with a one-niche buffer dropped from training so no neighbourhood
+        straddles the split); ``"slide"``, ``"spatial"``; a list of sample names; a boolean mask; or
+        ``None`` (train on everything for ``max_epochs``, no early stopping). See
+        :class:`hyperst.data.DataSplitter`.
     val_fraction
         Fraction of slides (or spots) held out for validation.
     sample_key
@@ -125,8 +128,8 @@ class DataOptions:
     normalize
         Library-size normalised targets (log2(1 + normalize_total)) instead of log2(1 + raw counts).
     min_tissue
-        Train only on spots whose crop is at least this fraction tissue (``.obs["hyperst_tissue_fraction"]``);
-        ``None``: all spots.
+        Train only on spots whose crop is at least this fraction tissue (``.obs["hyperst_tissue_fraction"]``,
+        from :func:`hyperst.pp.image_features`; the reference uses 0.15). ``None``: all spots.
     spot_key, niche_key
         ``.obsm`` keys of the spot and niche image features (frozen mode).
     """

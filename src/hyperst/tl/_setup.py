@@ -237,7 +237,10 @@ def _lora_parts(
             if sc.spots.table_key is None or sc.spots.table_rows is None:
                 raise ValueError(f"Spots `{sc.spots.shapes_key}` have no table with measured expression.")
             table = item.tables[sc.spots.table_key]
-            parts.append(Part(table, sc.spots.table_rows, table[sc.spots.table_rows].copy()))
+            rows = table[sc.spots.table_rows].copy()
+            # the crops' own tissue fractions (for `min_tissue`), on the copy: the user's table is not touched
+            rows.obs[Key.OBS_TISSUE_FRACTION] = np.asarray(sc.tissue_fraction, dtype=np.float32)
+            parts.append(Part(table, sc.spots.table_rows, rows))
             spot.append(sc.spot)
             niche.append(sc.niche)
             if geom is not None and sc.geometry != geom:
