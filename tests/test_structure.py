@@ -80,6 +80,31 @@ def _module_aliases(tree: ast.Module) -> set[str]:
     return names
 
 
+#: the layers of docs/architecture.md, bottom up: a module may import its own layer and the ones below
+LAYERS = {"_constants": 0, "_utils": 0, "_logging": 0, "_version": 0, "_warnings": 0, "geometry": 1, "nn": 2,
+          "data": 3, "pp": 4, "datasets": 5, "tl": 6, "pl": 7, "_demo": 8, "cli": 8, "__main__": 9}
+
+
+def _upward_imports(module: str, tree: ast.Module) -> list[str]:
+    parts = module.split(".")
+    if len(parts) < 2:  # hyperst/__init__.py: the lazy table of every sub-package
+        return []
+    mine = LAYERS[parts[1]]
+    out = []
+    for source, names in _imports(tree):
+        targets = [source.split(".")[1]] if source.startswith("hyperst.") else names if source == "hyperst" else []
+        out += [f"{module} imports hyperst.{t}" for t in targets if t in LAYERS and LAYERS[t] > mine]
+    return out
+
+
+def test_lower_layers_never_import_higher_ones() -> None:
+    assert set(LAYERS) >= {m.split(".")[1] for m in _modules() if m.count(".")}
+    assert [u for module, tree in _modules().items() for u in _upward_imports(module, tree)] == []
+    assert _upward_imports("hyperst.data._cache", ast.parse("from hyperst.pp._layout import CropGeometry")) == [
+        "hyperst.data._cache imports hyperst.pp"
+    ]
+
+
 def test_no_source_file_is_longer_than_700_lines() -> None:
     long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > 700}
     assert long == {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib
 import math
 import sys
@@ -19,7 +20,15 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["jsonable", "lazy_module", "pearson_per_gene", "release_memory", "resolve_device", "spot_pitch"]
+__all__ = [
+    "centers_hash",
+    "jsonable",
+    "lazy_module",
+    "pearson_per_gene",
+    "release_memory",
+    "resolve_device",
+    "spot_pitch",
+]
 
 
 def lazy_module(
@@ -50,6 +59,25 @@ def lazy_module(
         return sorted(public)
 
     return getattr_, dir_
+
+
+def centers_hash(centers_px: np.ndarray) -> str:
+    """Stable hash of spot centres (for cache keys).
+
+    Parameters
+    ----------
+    centers_px
+        ``(n, 2)`` centres.
+
+    Returns
+    -------
+    A hex digest of the float64 values and the shape.
+    """
+    arr = np.ascontiguousarray(np.asarray(centers_px, dtype=np.float64))
+    m = hashlib.sha256()
+    m.update(repr(arr.shape).encode())
+    m.update(arr.tobytes())
+    return m.hexdigest()[:24]
 
 
 def jsonable(value: Any, *, drop_none: bool = False) -> Any:

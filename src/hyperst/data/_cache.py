@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from hyperst.pp._crops import centers_hash
-from hyperst.pp._layout import CropGeometry
+from hyperst._utils import centers_hash
 
 __all__ = ["CropCache", "RowWriter"]
 
@@ -96,7 +95,7 @@ def _json_default(o: Any) -> Any:
         return float(o)
     if isinstance(o, np.ndarray):
         return o.tolist()
-    if isinstance(o, CropGeometry):
+    if hasattr(o, "to_dict"):  # e.g. a CropGeometry
         return o.to_dict()
     if isinstance(o, Path):
         return str(o)
@@ -127,13 +126,13 @@ class CropCache:
         self._writers: list[RowWriter] = []
 
     @staticmethod
-    def make_key(geometry: CropGeometry, image_id: str, centers_px: np.ndarray, **extra: Any) -> dict[str, Any]:
+    def make_key(geometry: Any, image_id: str, centers_px: np.ndarray, **extra: Any) -> dict[str, Any]:
         """Standard key: crop geometry, image identity and a hash of the centres.
 
         Parameters
         ----------
         geometry
-            The crop geometry.
+            The crop geometry (a :class:`hyperst.pp.CropGeometry`, or anything with ``to_dict()``).
         image_id
             Identity of the image, e.g. :func:`image_fingerprint` or a path plus element name.
         centers_px

@@ -39,7 +39,6 @@ the window area is returned as ``pad_fraction``.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,26 +50,7 @@ from hyperst._logging import logger
 from hyperst.pp._layout import is_positive
 from hyperst.pp._pyramid import ImagePyramid
 
-__all__ = ["CropBatch", "centers_hash", "extract_crops", "iter_crops"]
-
-
-def centers_hash(centers_px: np.ndarray) -> str:
-    """Stable hash of spot centres (for cache keys).
-
-    Parameters
-    ----------
-    centers_px
-        ``(n, 2)`` centres.
-
-    Returns
-    -------
-    A hex digest of the float64 values and the shape.
-    """
-    arr = np.ascontiguousarray(np.asarray(centers_px, dtype=np.float64))
-    m = hashlib.sha256()
-    m.update(repr(arr.shape).encode())
-    m.update(arr.tobytes())
-    return m.hexdigest()[:24]
+__all__ = ["CropBatch", "extract_crops", "iter_crops"]
 
 
 # --------------------------------------------------------------------------------------------- crops

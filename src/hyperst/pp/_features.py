@@ -15,10 +15,10 @@ import torch
 
 from hyperst._constants import Key
 from hyperst._logging import logger
-from hyperst._utils import release_memory
+from hyperst._utils import centers_hash, release_memory
 from hyperst.data._cache import CropCache
 from hyperst.pp._backbone import BackboneSpec, extract_features, load_backbone, resolve_backbone_spec
-from hyperst.pp._crops import centers_hash, iter_crops
+from hyperst.pp._crops import iter_crops
 from hyperst.pp._layout import CropGeometry
 from hyperst.pp._pyramid import ImagePyramid, image_fingerprint
 from hyperst.pp._spots import SampleSpots, resolve_spots, spot_table
