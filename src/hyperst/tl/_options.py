@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from hyperst._constants import Key
 
-__all__ = ["DataOptions", "ImageOptions", "TrainOptions", "TrainerOptions", "asdict_shallow", "split_options"]
+__all__ = ["DataOptions", "ImageOptions", "TrainOptions", "TrainerOptions"]
 
 
 def _positive_int(name: str, value: Any, *, minimum: int = 1) -> None:
@@ -179,27 +179,3 @@ class ImageOptions:
     geometry: Any = None
     cache_dir: str | None = None
     augment: bool = True
-
-
-_GROUPS = (TrainOptions, TrainerOptions, DataOptions, ImageOptions)
-_FIELDS = {cls: {f.name for f in fields(cls)} for cls in _GROUPS}
-
-
-def split_options(kwargs: Mapping[str, Any]) -> tuple[TrainOptions, TrainerOptions, DataOptions, ImageOptions]:
-    """The option groups for flat keywords (as :func:`hyperst.tl.fit` takes them).
-
-    Raises
-    ------
-    TypeError
-        For a keyword that belongs to no group.
-    """
-    unknown = sorted(set(kwargs) - set().union(*_FIELDS.values()))
-    if unknown:
-        raise TypeError(f"Unknown training option(s) {unknown}.")
-    return tuple(cls(**{k: v for k, v in kwargs.items() if k in _FIELDS[cls]}) for cls in _GROUPS)  # type: ignore[return-value]
-
-
-def asdict_shallow(options: Any) -> dict[str, Any]:
-    """The fields of an option object as a dict (values not copied)."""
-    return {f.name: getattr(options, f.name) for f in fields(options)}
-
