@@ -7,7 +7,7 @@ Usage, from anywhere::
 
 Executing needs the Her2ST sections in ``../shared/data/her2st`` relative to the repository root (or the
 ``HYPERST_HER2ST`` environment variable), ``ipykernel`` and ``nbclient`` in the running Python environment, and
-about ten minutes on two CPU cores. It also writes the key figures to ``docs/_static/tutorial/``.
+a few minutes on two CPU cores. It also writes the key figures to ``docs/_static/tutorial/``.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ The workflow, on CPU:
 7. look at the maps, the per-gene scores and the hyperbolic embeddings (`hst.pl`);
 8. compare the spatial autocorrelation (Moran's I, squidpy) of predicted and measured markers.
 
-Everything is seeded (seed 42). The whole notebook runs in about 2 minutes on two idle CPU cores; the
+Everything is seeded (seed 42). The whole notebook runs in about 2–3 minutes on two idle CPU cores; the
 runtimes of each step are listed at the end. On a busy machine it can take much longer: small CPU models
 slow down sharply when other processes compete for the same cores.""",
     ),
@@ -308,10 +308,12 @@ embeddings in hyperbolic (Lorentz) space, at the spot and niche level (contrasti
 * `validation="auto"` holds out whole **slides** when there are at least three: one of the four training
   sections is used for early stopping (patience 10) and the best epoch's weights are restored. C6 is never
   seen.
-* `min_tissue=0.15` skips spots whose crop is less than 15 % tissue (the reference setting). Here it skips
-  none. All spots in these files lie under tissue, and the glass of these slides is tinted pink, so it passes the
-  simple saturation test of `hst.pp.tissue_fraction` (the fractions above are 0.46–1, overestimated at the
-  tissue border).
+* `min_tissue=0.15` skips spots whose spot crop is less than 15 % tissue (the reference setting). A pixel
+  counts as tissue when its saturation is above one Otsu threshold per slide (`hst.pp.tissue_threshold`), so
+  the pink tint of the glass falls below it, and so do the pale gaps between cells and fibres: the fractions
+  above have median 0.75 (quartiles 0.64–0.84, range 0.08–1.00). All spots in these files lie on the
+  section; `min_tissue=0.15` skips two of them, whose crops are mostly pale loose stroma (C4, 8 % tissue)
+  and fat at the section border (C5, just under 15 %).
 * A CPU-sized configuration: embedding dimension 256, learning rate 1e-3, batch size 64, at most 100
   epochs.""",
     ),
@@ -345,9 +347,9 @@ save_figure(fig, "history.png")""",
         "md",
         r"""The curves show the total loss and its parts (gene-expression MSE, hierarchical contrastive alignment
 `hca`, hierarchical entailment `hea`) for training (solid) and the held-out validation slide (dashed). The
-dotted line marks the restored epoch. The validation loss is lowest at epoch 7 and rises afterwards while the
-training loss keeps falling: with 545 training spots the heads overfit quickly, so early stopping on a
-held-out slide is needed.
+dotted line marks the restored epoch. The validation loss is lowest at epoch 10, stays about flat for a few
+epochs and then rises while the training loss keeps falling: with 543 training spots the heads overfit
+quickly, so early stopping on a held-out slide is needed.
 
 ## 5. Predict C6 from H&E only
 
@@ -482,18 +484,18 @@ markers""",
     ),
     (
         "md",
-        r"""On C6, HyperST reaches **PCC@10 = 0.698, PCC@50 = 0.665, PCC@200 = 0.603** and lowers the MSE from 1.352
-(training mean) to 0.922. It clearly beats the HEST-protocol ridge (0.618 / 0.576 / 0.503, MSE 1.188), whose
-tiny α barely regularises 256 principal components fitted on 732 spots, and is on par with a properly
+        r"""On C6, HyperST reaches **PCC@10 = 0.676, PCC@50 = 0.647, PCC@200 = 0.590** and lowers the MSE from 1.350
+(training mean) to 0.981. It clearly beats the HEST-protocol ridge (0.613 / 0.573 / 0.502, MSE 1.206), whose
+tiny α barely regularises 256 principal components fitted on 730 spots, and is slightly below a properly
 regularised ridge on the same spot features (0.688 / 0.651 / 0.596, MSE 0.932). **It does not beat a tuned
-ridge that sees both crops** (spot ‖ niche: 0.729 / 0.698 / 0.643, MSE 0.870). With four sections of one
+ridge that sees both crops** (spot ‖ niche: 0.726 / 0.696 / 0.641, MSE 0.875). With four sections of one
 patient and a generic ImageNet backbone, the hyperbolic heads add no accuracy over a linear model given the
-same information. Read these numbers as a worked example on 732 training spots, not as a benchmark.
+same information. Read these numbers as a worked example on 730 training spots, not as a benchmark.
 
-The markers reach r = 0.56 (CD74, rank 150 of 250) to 0.69 (MGP, rank 7); ERBB2 has r = 0.63 (rank 55). Every
-gene has r ≥ 0.29, 211 of 250 have r > 0.5, and the best-predicted genes are abundant housekeeping genes
-(DDX5, ACTG1, TPT1, TUBB, ACTB), not cell-type markers. That is a first hint, checked next, that most of this
-correlation is shared by all genes.""",
+The markers reach r = 0.56 (CD74, rank 140 of 250) to 0.66 (MGP, rank 10); ERBB2 has r = 0.61 (rank 69). Every
+gene has r ≥ 0.27, 207 of 250 have r > 0.5, and most of the best-predicted genes are abundant housekeeping
+genes (DDX5, ACTG1, PSMD3, TUBB, FTH1), not cell-type markers. That is a first hint, checked next, that most
+of this correlation is shared by all genes.""",
     ),
     (
         "code",
@@ -519,7 +521,7 @@ permeabilisation, RNA quality), and dense tissue also *looks* different on H&E. 
 image: it knows only each C6 spot's measured total UMI count, spread over the genes in their training
 proportions. It reaches PCC@10/50/200 = 0.952 / 0.913 / 0.842 and MSE 0.519, far above every image model.
 So **on raw counts, PCC@K mostly rewards predicting how many UMIs a spot yields**. The image models
-recover part of that: each spot's mean predicted level correlates with its measured log depth at r = 0.50.
+recover part of that: each spot's mean predicted level correlates with its measured log depth at r = 0.48.
 Two C6 spots on tissue captured almost nothing (1 and 3 UMIs). They are measurement failures that no image
 model can predict.
 
@@ -573,11 +575,13 @@ norm_scores""",
     (
         "md",
         r"""On relative expression the result is much weaker. The `normalize=True` model keeps some signal for its best
-genes (**PCC@10 = 0.544, PCC@50 = 0.460, PCC@200 = 0.309**), but its MSE (0.709) is hardly better than the
+genes (**PCC@10 = 0.498, PCC@50 = 0.412, PCC@200 = 0.259**), but its MSE (0.710) is hardly better than the
 training mean (0.713). The tuned ridge on spot ‖ niche features is better on every metric (PCC@10 = 0.586,
-MSE 0.663). Among the markers, FN1 (r = 0.58) and CD74 (0.39) keep a useful signal. Both are tied to tissue
-compartments visible on H&E: FN1 to stroma, CD74 to antigen-presenting immune cells. **ERBB2 (r = 0.22),
-GRB7 (0.21) and KRT19 (0.30) are poorly predicted, and COL1A1 not at all (r = −0.08).** In this
+MSE 0.664). Among the markers, FN1 (r = 0.57) keeps a useful signal, KRT19 (0.40) and MGP (0.35) some. FN1
+and KRT19 are tied to tissue compartments visible on H&E: stroma and epithelium. CD74 (0.24, where the ridge
+reaches 0.44) and GRB7 (0.25) are poorly predicted, and **ERBB2 (r = 0.04) and COL1A1 (0.06) not at all**.
+Per-gene correlations of a single model on about 540 spots are fragile: small changes to the training set
+(two spots more or less) move them by up to 0.2, so read them as rough levels. In this
 HER2-positive tumour ERBB2 is one of the most abundant transcripts almost everywhere. Its normalised level
 spans a narrow range in C6 (see the colour bar of the maps below), and frozen ImageNet features do not
 resolve that variation. The usual remedies are a pathology foundation model as
@@ -663,10 +667,10 @@ pd.DataFrame({k: pd.Series(v).describe()[["mean", "50%", "min", "max"]] for k, v
     (
         "md",
         r"""The learned hierarchy has the intended order. Image embeddings lie closer to the origin than gene
-embeddings (median geodesic distance, spot level: 0.17 vs 0.76; niche level: 1.10 vs 3.03), and spot
+embeddings (median geodesic distance, spot level: 0.19 vs 0.54; niche level: 0.92 vs 3.16), and spot
 embeddings closer than niche embeddings. In the entailment geometry the more generic concept sits nearer
 the origin: an image is compatible with many expression profiles, and a spot is part of its niche. The
-learned curvature (c = 0.94) stays close to its initial value 1. These plots check that training did what
+learned curvature (c = 0.92) stays close to its initial value 1. These plots check that training did what
 the loss asks. They are not evidence of biological structure.
 
 ## 8. Spatial autocorrelation: Moran's I with squidpy
@@ -713,18 +717,18 @@ moran_table""",
     (
         "md",
         r"""The raw model's maps are **smoother than the data and almost identical across genes**: Moran's I is
-0.64–0.66 for all seven markers, against 0.47–0.57 measured. The seven predictions share one spatial pattern
+0.62–0.66 for all seven markers, against 0.47–0.57 measured. The seven predictions share one spatial pattern
 (depth and cellularity), as the analysis above suggested. On the normalised scale the measured
 autocorrelation is lower, from 0.08 (GRB7) to 0.38 (ERBB2), and the predictions are again smoother than the
-truth. For GRB7, COL1A1 and MGP the predicted maps have spatial structure (I = 0.41–0.51) that the measured
+truth. For GRB7, COL1A1 and MGP the predicted maps have spatial structure (I = 0.41–0.56) that the measured
 relative expression barely shows (0.08–0.20). Part of this smoothness is built into the inputs:
 neighbouring spots are 200 µm apart, but their 500 µm niche crops overlap by more than half, so their
 features are strongly correlated.
 
 ## Summary
 
-Runtimes of the run that produced these outputs (2 CPU threads). On an idle 2-core machine these steps took
-about 80 s in total (each fit about 10 s). Much larger numbers mean that other jobs shared the cores while
+Runtimes of the run that produced these outputs (2 CPU threads). On a 2-core machine these steps take about
+two minutes in total (each fit about 15 s). Much larger numbers mean that other jobs shared the cores while
 the notebook ran.""",
     ),
     (
@@ -749,13 +753,13 @@ times.round(2).to_frame()""",
 
 What we found on this small, single-patient example:
 
-* On raw counts HyperST reaches PCC@10/50/200 = 0.698 / 0.665 / 0.603 on the held-out section, above the
-  HEST-protocol ridge (0.618 / 0.576 / 0.503) and level with a tuned ridge on spot features. A tuned ridge on
-  spot ‖ niche features does better (0.729 / 0.698 / 0.643).
+* On raw counts HyperST reaches PCC@10/50/200 = 0.676 / 0.647 / 0.590 on the held-out section, above the
+  HEST-protocol ridge (0.613 / 0.573 / 0.502) and slightly below a tuned ridge on spot features
+  (0.688 / 0.651 / 0.596). A tuned ridge on spot ‖ niche features does better (0.726 / 0.696 / 0.641).
 * These raw-count correlations are mostly sequencing depth: a depth-only oracle scores 0.952 / 0.913 / 0.842.
-* On library-size-normalised expression the signal is modest (PCC@10 = 0.544, MSE no better than the
-  training mean). Of the markers, FN1 and CD74 are predicted with some skill; ERBB2, GRB7, KRT19 and COL1A1
-  are not.
+* On library-size-normalised expression the signal is modest (PCC@10 = 0.498, MSE no better than the
+  training mean). Of the markers, FN1 (and, less, KRT19 and MGP) is predicted with some skill; ERBB2,
+  COL1A1, CD74 and GRB7 are not.
 * The predicted maps are smoother than the measured ones (higher Moran's I).
 
 Before trusting predicted expression maps on your own data: score them on library-size-normalised
