@@ -85,6 +85,16 @@ def test_st_square_grid_uses_pitch_when_no_radius_information() -> None:
     assert (spots.pixel_size, spots.pixel_size_source) == (2.0, "argument")
 
 
+def test_jittered_st_grid_is_still_a_square_lattice() -> None:
+    # spot positions jitter by 5 % of the pitch (as in the Her2ST files): the nearest-neighbour distance is
+    # then biased low, but the layout (and so the pixel size of an H&E-only slide) must still be found
+    xy = _square(12, 60.0, origin=40) + np.random.default_rng(0).normal(scale=3.0, size=(144, 2))
+    (spots,) = resolve_spots(_sdata(xy, radius=15.0, image_shape=(800, 800)))
+    assert spots.layout == "st"
+    assert spots.pixel_size_source == "spot_diameter"
+    assert spots.pitch == pytest.approx(200.0, rel=0.02)
+
+
 def test_non_identity_transformations() -> None:
     # spots stored in µm (pixel size 0.5 µm/px → scale 2 to pixels) and shifted; image translated too
     pitch_um = 100.0
@@ -145,3 +155,21 @@ def test_spot_table_for_he_only_data() -> None:
     np.testing.assert_allclose(spots.centers_px, xy)
     with pytest.raises(ValueError, match="already has a table"):
         spot_table(bare)
+
+
+@pytest.mark.her2st
+def test_her2st_sections_without_tables_are_st_lattices() -> None:
+    from pathlib import Path
+
+    import hyperst as hst
+
+    root = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "her2st"
+    if not root.exists():
+        pytest.skip("the Her2ST sections are not in ../shared/data/her2st")
+    sdata = hst.datasets.her2st(root, sections=["C3", "C6"])
+    for section, reader_pixel_size in (("C3", 0.686), ("C6", 0.6877)):
+        bare = SpatialData(images={"he": sdata.images[f"{section}_image"]},
+                           shapes={"spots": sdata.shapes[f"{section}_spots"]})
+        (spots,) = resolve_spots(bare)  # H&E + spots only: the layout and pixel size come from the grid
+        assert spots.layout == "st"
+        assert spots.pixel_size == pytest.approx(reader_pixel_size, abs=0.002)
