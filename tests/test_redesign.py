@@ -248,3 +248,28 @@ def test_api_page_lifecycle_snippet_runs(slides, tmp_path, monkeypatch, one_thre
     # the snippet ends with the model loaded back from its folder: it predicts the same numbers
     again = model.predict(slides[3].copy())
     np.testing.assert_array_equal(again.layers[Key.LAYER_PRED], pred.layers[Key.LAYER_PRED])
+
+
+def test_frozen_min_tissue_trains_on_tissue_spots_and_embeds_every_spot(slides, one_thread) -> None:
+    train = ad.concat(slides[:3], merge="same")
+    frac = np.linspace(0.0, 1.0, train.n_obs, dtype=np.float32)
+    train.obs[Key.OBS_TISSUE_FRACTION] = frac
+    model = hst.tl.fit(train, genes=GENES, min_tissue=0.25, validation=None, config={"emb_dim": 16}, max_epochs=2,
+                       lr=1e-3, batch_size=32, seed=3, progress=False)
+    keep = frac >= 0.25
+    assert model.training["n_train"] == int(keep.sum()) == 144
+    # every spot has features, so every spot gets embeddings (the gene streams from its own counts)
+    for key in (Key.OBSM_IMAGE_SPOT, Key.OBSM_GENE_SPOT, Key.OBSM_GENE_NICHE):
+        assert train.obsm[key].shape == (192, 16)
+        assert np.isfinite(train.obsm[key]).all()
+    emb = model.get_embeddings()  # the 144 registered training spots
+    np.testing.assert_allclose(train.obsm[Key.OBSM_IMAGE_SPOT][keep], emb["image_spot"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(train.obsm[Key.OBSM_GENE_SPOT][keep], emb["gene_spot"], rtol=1e-5, atol=1e-6)
+    # niche targets in training come from the training spots only (as before the redesign), those written
+    # back from every measured spot: they differ exactly for kept spots that neighbour a left-out one
+    xy, sample = train.obsm["spatial"], train.obs["sample"].to_numpy()
+    near = np.linalg.norm(xy[:, None] - xy[None], axis=-1) <= 150  # the 3 × 3 niche of a square grid
+    borders = (near & (sample[:, None] == sample[None]) & ~keep[None]).any(axis=1)[keep]
+    differs = ~np.isclose(train.obsm[Key.OBSM_GENE_NICHE][keep], emb["gene_niche"], rtol=1e-5, atol=1e-6).all(1)
+    assert borders.sum() == 8
+    np.testing.assert_array_equal(differs, borders)

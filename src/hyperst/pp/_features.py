@@ -417,25 +417,40 @@ def _stream(
 ) -> Iterator[np.ndarray]:
     """Yield crop batches for the backbone, recording their rows, pad and tissue fractions in ``seen``.
 
-    Only these per-spot numbers are kept: each batch of crops is dropped once the backbone has seen it.
+    Only these per-spot numbers are kept: each batch of crops is dropped once the backbone has seen it,
+    and freed crop and activation buffers go back to the OS every few batches (:func:`release_memory`).
+    """
+    for k, (crops_, record) in enumerate(_batches(image, s, side, geom, batch_size, cached, name, threshold)):
+        seen.append(record)
+        yield crops_
+        if k % _TRIM_EVERY == _TRIM_EVERY - 1:
+            release_memory(collect=False)
+
+
+def _batches(
+    image: Any,
+    s: SampleSpots,
+    side: float,
+    geom: CropGeometry,
+    batch_size: int,
+    cached: SampleCrops | None,
+    name: str,
+    threshold: float | None,
+) -> Iterator[tuple[np.ndarray, _Seen]]:
+    """Crop batches with their rows, pad and tissue fractions: read from the crop cache or cut from the image.
+
     The tissue fraction is computed for the spot stream only (``nan`` placeholders for the niche stream).
     """
     if cached is not None:
         arr = cached.spot if name == "spot" else cached.niche
-        for k, start in enumerate(range(0, len(arr), batch_size)):
+        for start in range(0, len(arr), batch_size):
             idx = np.arange(start, min(start + batch_size, len(arr)))
-            seen.append(_Seen(idx, np.asarray(cached.pad_fraction[idx]), np.asarray(cached.tissue_fraction[idx])))
-            yield np.array(arr[start : start + len(idx)])  # a writable copy of one batch
-            if k % _TRIM_EVERY == _TRIM_EVERY - 1:
-                release_memory(collect=False)
+            record = _Seen(idx, np.asarray(cached.pad_fraction[idx]), np.asarray(cached.tissue_fraction[idx]))
+            yield np.array(arr[start : start + len(idx)]), record  # a writable copy of one batch
         return
-    for k, b in enumerate(iter_crops(image, s.centers_px, side, out_size=geom.out_size, batch_size=batch_size)):
+    for b in iter_crops(image, s.centers_px, side, out_size=geom.out_size, batch_size=batch_size):
         if name == "spot":
-            assert threshold is not None
             frac = tissue_fraction(b.crops, threshold=threshold)
         else:
             frac = np.full(len(b.index), np.nan, dtype=np.float32)
-        seen.append(_Seen(b.index, b.pad_fraction, frac))
-        yield b.crops
-        if k % _TRIM_EVERY == _TRIM_EVERY - 1:  # freed crop and activation buffers back to the OS
-            release_memory(collect=False)
+        yield b.crops, _Seen(b.index, b.pad_fraction, frac)

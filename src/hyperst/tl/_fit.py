@@ -188,25 +188,19 @@ def _write_embeddings(model: HyperST, keys: Mapping[str, str], *, progress: bool
     spot has features, so every spot gets embeddings.
     """
     from hyperst.data import FeatureData
-    from hyperst.pp import targets
-    from hyperst.pp._niches import niche_targets
-    from hyperst.tl._setup import Part, feature_matrix
+    from hyperst.tl._setup import Part, feature_matrix, niche_target_matrix, target_matrix
 
     reg = model.registered
     parts, features = reg.parts, None
     if reg.mode == "frozen" and any(p.data is not p.table for p in parts):
         whole = [p.table for p in parts]
         opts = model.data_options
-        libs = [opts.sample_key if opts.sample_key in a.obs.columns else None for a in whole]
         features = FeatureData(
             spot=np.concatenate([feature_matrix(a, opts.spot_key, "spot") for a in whole]),
             niche=np.concatenate([feature_matrix(a, opts.niche_key, "niche") for a in whole])
             if model.config.has_niche else None,
-            targets=np.concatenate([targets(a, reg.genes, layer=opts.layer, normalize=opts.normalize) for a in whole]),
-            niche_targets=None if reg.niche_targets is None else np.concatenate([
-                niche_targets(a, reg.genes, layer=opts.layer, library_key=lib)
-                for a, lib in zip(whole, libs, strict=True)
-            ]),
+            targets=target_matrix(whole, reg.genes, opts),
+            niche_targets=None if reg.niche_targets is None else niche_target_matrix(whole, reg.genes, opts),
         )
         parts = [Part(t, np.arange(t.n_obs), t) for t in whole]
     merged = model.get_embeddings(features, progress=progress)

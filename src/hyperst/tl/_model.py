@@ -295,7 +295,7 @@ class HyperST:
             image_dim = reg.spot.shape[1]
         cfg = HyperSTConfig.from_preset(preset, n_genes=len(reg.genes), image_dim=image_dim, **(config or {}))
         if cfg.uses_alignment and cfg.has_niche:
-            reg.add_niche_targets(options.layer, options.sample_key)
+            reg.add_niche_targets(options)
         torch.manual_seed(seed)
         if mode == "lora":
             image_model = ImageHyperST(ResizeTo(trunk, spec.input_size), cfg)

@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from hyperst.pp import CropGeometry
     from hyperst.tl._options import DataOptions, ImageOptions
 
-__all__ = ["Part", "TrainingData", "feature_matrix", "register"]
+__all__ = ["Part", "TrainingData", "feature_matrix", "niche_target_matrix", "register", "target_matrix"]
 
 
 @dataclass
@@ -76,14 +76,27 @@ class TrainingData:
         """The training rows of each part."""
         return [p.data for p in self.parts]
 
-    def add_niche_targets(self, layer: str | None, sample_key: str) -> None:
+    def add_niche_targets(self, options: DataOptions) -> None:
         """Compute the niche expression targets of :attr:`genes` (log2(1 + niche mean counts))."""
-        from hyperst.pp._niches import niche_targets
+        self.niche_targets = niche_target_matrix(self.adatas, self.genes, options)
 
-        self.niche_targets = np.concatenate([
-            niche_targets(a, self.genes, layer=layer, library_key=sample_key if sample_key in a.obs.columns else None)
-            for a in self.adatas
-        ])
+
+def target_matrix(adatas: Sequence[AnnData], genes: Sequence[str], options: DataOptions) -> np.ndarray:
+    """Spot targets of ``genes`` over the concatenated tables (:func:`hyperst.pp.targets`)."""
+    from hyperst.pp._genes import targets
+
+    return np.concatenate([targets(a, genes, layer=options.layer, normalize=options.normalize) for a in adatas])
+
+
+def niche_target_matrix(adatas: Sequence[AnnData], genes: Sequence[str], options: DataOptions) -> np.ndarray:
+    """Niche targets of ``genes`` over the concatenated tables; niches never cross ``options.sample_key``."""
+    from hyperst.pp._niches import niche_targets
+
+    return np.concatenate([
+        niche_targets(a, genes, layer=options.layer,
+                      library_key=options.sample_key if options.sample_key in a.obs.columns else None)
+        for a in adatas
+    ])
 
 
 def feature_matrix(adata: AnnData, key: str, what: str) -> np.ndarray:
@@ -116,8 +129,6 @@ def register(
     LoRA mode cuts the spot/niche crops (:func:`hyperst.pp.crops`, memory-mapped from the crop cache).
     ``niche_features=False`` skips the niche features (single-level models).
     """
-    from hyperst.pp._genes import targets
-
     if mode not in ("frozen", "lora"):
         raise ValueError(f"`mode` must be 'frozen' or 'lora', got {mode!r}.")
     items = list(data) if isinstance(data, list | tuple) else [data]
@@ -132,7 +143,7 @@ def register(
         parts, crop_arrays = _tissue_filter(parts, crop_arrays, options.min_tissue)
     adatas = [p.data for p in parts]
     genes = _genes(adatas, genes, options)
-    y = np.concatenate([targets(a, genes, layer=options.layer, normalize=options.normalize) for a in adatas])
+    y = target_matrix(adatas, genes, options)
     backbone, crop_record, spot_geometry = _provenance(adatas)
     if mode == "lora":
         spot, niche = crop_arrays
