@@ -1,4 +1,4 @@
-"""hst.pl: spatial maps, scatter, Poincaré disk, radii, training history and gene scores."""
+"""hst.pl: spatial maps, scatter, Poincaré disk, radii, training history, gene scores, intervals, reliability."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from matplotlib.patches import Polygon
+from matplotlib.patches import Polygon, Rectangle
+from scipy.stats import rankdata
 
 import hyperst as hst
 from hyperst import geometry as geo
@@ -21,6 +22,7 @@ from hyperst._constants import Key
 from hyperst.pl._embedding import disk_coordinates, poincare, radius
 from hyperst.pl._expression import scatter, spatial
 from hyperst.pl._training import gene_scores, history
+from hyperst.pl._uncertainty import intervals, reliability
 
 N_GENES, DIM, SIDE = 12, 16, 8
 STREAM_KEYS = [Key.OBSM_IMAGE_SPOT, Key.OBSM_IMAGE_NICHE, Key.OBSM_GENE_SPOT, Key.OBSM_GENE_NICHE]
@@ -362,7 +364,16 @@ def test_history_from_table_read_back_from_h5ad(tmp_path, trained) -> None:
 def test_pl_functions_take_keyword_only_dpi() -> None:
     import inspect
 
-    for fn in (hst.pl.spatial, hst.pl.scatter, hst.pl.poincare, hst.pl.radius, hst.pl.history, hst.pl.gene_scores):
+    for fn in (
+        hst.pl.spatial,
+        hst.pl.scatter,
+        hst.pl.poincare,
+        hst.pl.radius,
+        hst.pl.history,
+        hst.pl.gene_scores,
+        hst.pl.intervals,
+        hst.pl.reliability,
+    ):
         params = inspect.signature(fn).parameters
         assert "save" in params, fn.__name__
         assert params["dpi"].kind is inspect.Parameter.KEYWORD_ONLY, fn.__name__
@@ -381,3 +392,215 @@ def test_save_dpi_scales_the_image(tmp_path, trained) -> None:
             assert abs(b - 2 * s) <= 2, (small, big)
     with pytest.raises(ValueError, match="`dpi` must be a positive number"):
         gene_scores(trained["eval"], save=tmp_path / "bad.png", dpi=0)
+
+
+# ---------------------------------------------------------------------------------------------- intervals / reliability
+def _interval_table(n_side: int = 9, n_genes: int = 6, seed: int = 0, alpha: float = 0.1) -> ad.AnnData:
+    """A synthetic hst.tl.predict output with intervals: measured counts in .X, prediction in a layer.
+
+    The measured log-expression is the prediction plus noise scaled by the per-entry std, so wide intervals
+    go with large errors; the OOD score is random with the top ~10 % flagged.
+    """
+    rng = np.random.default_rng(seed)
+    rows, cols = np.meshgrid(np.arange(n_side), np.arange(n_side), indexing="ij")
+    xy = np.column_stack([cols.ravel() * 100.0 + 50, rows.ravel() * 100.0 + 50])
+    n = len(xy)
+    pred = np.clip(2 + np.sin(xy[:, :1] / 200 + np.arange(n_genes)) + 0.3 * rng.normal(size=(n, n_genes)), 0, None)
+    std = rng.uniform(0.1, 0.8, size=(n, 1)) * rng.uniform(0.5, 1.5, size=(1, n_genes))
+    counts = np.round(np.exp2(np.clip(pred + std * rng.normal(size=(n, n_genes)), 0, None)) - 1)
+    lower, upper = np.clip(pred - 1.645 * std, 0, None), pred + 1.645 * std
+    score = rng.gamma(2.0, 1.0, size=n)
+    threshold = float(np.quantile(score, 0.9))
+    obs = pd.DataFrame({Key.OBS_SAMPLE: "s0"}, index=[f"s0_{i}" for i in range(n)])
+    a = ad.AnnData(counts.astype(np.float32), obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(n_genes)]))
+    a.obsm[Key.OBSM_SPATIAL] = xy
+    a.layers[Key.LAYER_PRED] = pred.astype(np.float32)
+    a.layers[Key.LAYER_LOWER] = lower.astype(np.float32)
+    a.layers[Key.LAYER_UPPER] = upper.astype(np.float32)
+    a.layers[Key.LAYER_STD] = std.astype(np.float32)
+    a.obs[Key.OBS_UNCERTAINTY] = (upper - lower).mean(1)
+    a.obs[Key.OBS_OOD_SCORE] = score
+    a.obs[Key.OBS_OOD] = score > threshold
+    domain = {
+        "flagged": False,
+        "ood_fraction": float((score > threshold).mean()),
+        "threshold": threshold,
+        "messages": [],
+    }
+    a.uns[Key.UNS] = {Key.UNS_PREDICT: {"alpha": alpha, Key.UNS_DOMAIN: domain}}
+    return a
+
+
+def _log_counts(a: ad.AnnData, genes: list[str]) -> np.ndarray:
+    return np.log2(1 + np.asarray(a[:, genes].X, dtype=np.float64))
+
+
+def test_intervals_panels_shared_scale_and_flags(tmp_path) -> None:
+    a = _interval_table()
+    genes = ["G0", "G3"]
+    flags = a.obs[Key.OBS_OOD].to_numpy()
+    assert 0 < flags.sum() < a.n_obs
+    fig = intervals(a, genes, save=tmp_path / "intervals.png")
+    _not_blank(tmp_path / "intervals.png")
+    assert len(fig.axes) == 4 * len(genes) + len(genes)  # predicted/lower/upper/observed + one colour bar per gene
+    assert fig.get_suptitle() == "s0: 90 % prediction intervals (α = 0.1)"
+    obs_log = _log_counts(a, genes)
+    r = hst._utils.pearson_per_gene(obs_log, a[:, genes].layers[Key.LAYER_PRED].astype(np.float64))
+    for g, gene in enumerate(genes):
+        panels = fig.axes[4 * g : 4 * g + 4]
+        expected = [a[:, gene].layers[k].ravel() for k in (Key.LAYER_PRED, Key.LAYER_LOWER, Key.LAYER_UPPER)]
+        expected.append(obs_log[:, g])
+        inside = np.mean((expected[1] <= obs_log[:, g]) & (obs_log[:, g] <= expected[2]))
+        assert [ax.get_title() for ax in panels] == [
+            f"{gene} predicted (r = {r[g]:.2f})",
+            f"{gene} lower",
+            f"{gene} upper",
+            f"{gene} observed ({100 * inside:.0f} % inside)",
+        ]
+        clim = (min(v.min() for v in expected), max(v.max() for v in expected))
+        for ax, values in zip(panels, expected, strict=True):
+            spots, rings = ax.collections[0], ax.collections[1]
+            np.testing.assert_allclose(spots.get_array(), values, rtol=1e-6)
+            np.testing.assert_allclose(spots.get_clim(), clim, rtol=1e-6)  # one scale per gene
+            # the flagged spots are ringed: one ring per flagged spot, at its centre, unfilled
+            assert len(rings.get_offsets()) == flags.sum()
+            np.testing.assert_allclose(rings.get_offsets(), a.obsm[Key.OBSM_SPATIAL][flags])
+            assert rings.get_facecolor().size == 0 or (rings.get_facecolor()[:, 3] == 0).all()
+        pr, lo, up = (ax.collections[0].get_array() for ax in panels[:3])
+        assert (lo <= pr).all()
+        assert (pr <= up).all()
+        assert (up - lo).mean() > 0.5
+    legend = fig.legends[0].get_texts()[0].get_text()
+    assert legend.startswith(f"out of distribution ({flags.sum()} of {a.n_obs} spots")
+
+
+def test_intervals_sources_image_and_options() -> None:
+    a = _interval_table(n_genes=4)
+    # `truth` (another spot order) gives the observed panel; its values are aligned on obs_names
+    truth = a[::-1].copy()
+    truth.X = truth.X * 0 + 3
+    fig = intervals(a, "G1", truth=truth, show=False)
+    np.testing.assert_allclose(fig.axes[3].collections[0].get_array(), 2.0)  # log2(1 + 3)
+    # prediction in .X and no truth: no observed panel (three panels + colour bar)
+    only = ad.AnnData(a.layers[Key.LAYER_PRED], obs=a.obs, var=a.var, obsm=dict(a.obsm), uns=a.uns)
+    only.layers[Key.LAYER_LOWER] = a.layers[Key.LAYER_LOWER]
+    only.layers[Key.LAYER_UPPER] = a.layers[Key.LAYER_UPPER]
+    fig = intervals(only, ["G0", "G1", "G2"], ncols=2, show=False)
+    assert len(fig.axes) == 3 * 3 + 3  # three panels per gene (the unused slot removed) + colour bars
+    assert [ax.get_title() for ax in fig.axes[:3]] == ["G0 predicted", "G0 lower", "G0 upper"]
+    # on an image: the image under every panel, offsets scaled into its pixels
+    image = np.random.default_rng(0).integers(0, 255, size=(480, 480, 3), dtype=np.uint8)
+    fig = intervals(a, "G0", image=image, scale_factor=0.5, spot_size=80, show=False)
+    assert all(len(ax.images) == 1 for ax in fig.axes[:4])
+    np.testing.assert_allclose(fig.axes[0].collections[0].get_offsets(), 0.5 * a.obsm[Key.OBSM_SPATIAL])
+    np.testing.assert_allclose(fig.axes[0].collections[0].get_widths(), 40.0)
+    # ood=False, or no flag column: no rings and no legend
+    fig = intervals(a, "G0", ood=False, show=False)
+    assert all(len(ax.collections) == 1 for ax in fig.axes[:4])
+    assert not fig.legends
+    no_flags = a.copy()
+    del no_flags.obs[Key.OBS_OOD]
+    no_flags.uns = {}
+    fig = intervals(no_flags, "G0", show=False)
+    assert all(len(ax.collections) == 1 for ax in fig.axes[:4])
+    assert fig.get_suptitle() == "s0: prediction intervals"
+
+
+def test_intervals_errors() -> None:
+    a = _interval_table(n_genes=3)
+    for key in (Key.LAYER_LOWER, Key.LAYER_UPPER):
+        b = a.copy()
+        del b.layers[key]
+        with pytest.raises(ValueError, match=rf"no prediction intervals .*{key}.*ensemble"):
+            intervals(b, "G0", show=False)
+        with pytest.raises(ValueError, match="ensemble"):
+            reliability(b, show=False)
+    swapped = a.copy()
+    swapped.layers[Key.LAYER_LOWER], swapped.layers[Key.LAYER_UPPER] = (
+        a.layers[Key.LAYER_UPPER],
+        a.layers[Key.LAYER_LOWER],
+    )
+    with pytest.raises(ValueError, match="corrupt"):
+        intervals(swapped, "G0", show=False)
+    bad = a.copy()
+    bad.obs[Key.OBS_OOD] = bad.obs[Key.OBS_OOD].astype(float)
+    with pytest.raises(ValueError, match="booleans"):
+        intervals(bad, "G0", show=False)
+    with pytest.raises(ValueError, match="Unknown gene"):
+        intervals(a, "NOPE", show=False)
+    two = ad.concat([a, a.copy()], index_unique="-", keys=["x", "y"], label="which", uns_merge="first")
+    two.obs[Key.OBS_SAMPLE] = two.obs["which"].astype(str)
+    with pytest.raises(ValueError, match="pass `sample="):
+        intervals(two, "G0", show=False)
+    fig = intervals(two, "G0", sample="y", show=False)
+    assert len(fig.axes[0].collections[0].get_offsets()) == a.n_obs
+
+
+def test_reliability_numbers(tmp_path) -> None:
+    a = _interval_table(n_side=10, n_genes=8, seed=1)
+    fig = reliability(a, save=tmp_path / "reliability.png")
+    _not_blank(tmp_path / "reliability.png")
+    assert len(fig.axes) == 4 + 2  # four panels, colour bars of the two maps
+    unc_ax, ood_ax, err_ax, cov_ax = fig.axes[:4]
+    flags = a.obs[Key.OBS_OOD].to_numpy()
+    # maps: uncertainty and OOD score per spot, flagged spots ringed, the threshold on the OOD colour bar
+    np.testing.assert_allclose(unc_ax.collections[0].get_array(), a.obs[Key.OBS_UNCERTAINTY])
+    np.testing.assert_allclose(ood_ax.collections[0].get_array(), a.obs[Key.OBS_OOD_SCORE])
+    assert len(ood_ax.collections[1].get_offsets()) == flags.sum()
+    assert ood_ax.get_title() == f"out of distribution ({flags.sum()} / {a.n_obs})"
+    threshold = a.uns[Key.UNS][Key.UNS_PREDICT][Key.UNS_DOMAIN]["threshold"]
+    assert [ln.get_ydata()[0] for ln in fig.axes[5].lines] == [pytest.approx(threshold)]
+    # error vs uncertainty: per-spot MAE over all genes on the log2(1 + x) scale; Spearman from ranks
+    obs = _log_counts(a, list(a.var_names))
+    mae = np.abs(a.layers[Key.LAYER_PRED].astype(np.float64) - obs).mean(1)
+    unc = a.obs[Key.OBS_UNCERTAINTY].to_numpy()
+    pts = err_ax.collections[0].get_offsets()
+    np.testing.assert_allclose(pts[:, 0], unc)
+    np.testing.assert_allclose(pts[:, 1], mae, rtol=1e-6)
+    rho = np.corrcoef(rankdata(unc), rankdata(mae))[0, 1]
+    assert rho > 0.3  # the table is built so that error follows uncertainty
+    assert err_ax.get_title() == f"error vs uncertainty (ρ = {rho:.2f})"
+    # coverage per gene: histogram counts, mean and nominal lines
+    cov = np.array(
+        [
+            np.mean((a.layers[Key.LAYER_LOWER][:, j] <= obs[:, j]) & (obs[:, j] <= a.layers[Key.LAYER_UPPER][:, j]))
+            for j in range(a.n_vars)
+        ]
+    )
+    bars = [p for p in cov_ax.patches if isinstance(p, Rectangle)]
+    edges = np.array([b.get_x() for b in bars] + [bars[-1].get_x() + bars[-1].get_width()])
+    np.testing.assert_array_equal([b.get_height() for b in bars], np.histogram(cov, bins=edges)[0])
+    assert sum(b.get_height() for b in bars) == a.n_vars
+    lines = {ln.get_label(): ln.get_xdata()[0] for ln in cov_ax.lines}
+    assert lines == {f"mean {100 * cov.mean():.0f} %": pytest.approx(cov.mean()), "nominal 90 %": pytest.approx(0.9)}
+
+
+def test_reliability_without_truth_score_and_flagged_slide() -> None:
+    a = _interval_table(n_genes=3)
+    # prediction in .X, no truth: the two maps only
+    only = ad.AnnData(a.layers[Key.LAYER_PRED], obs=a.obs, var=a.var, obsm=dict(a.obsm), uns=a.uns)
+    for key in (Key.LAYER_LOWER, Key.LAYER_UPPER):
+        only.layers[key] = a.layers[key]
+    fig = reliability(only, show=False)
+    assert [ax.get_title() for ax in fig.axes[:2]] == [
+        "uncertainty",
+        f"out of distribution ({a.obs[Key.OBS_OOD].sum()} / {a.n_obs})",
+    ]
+    assert len(fig.axes) == 4
+    # no OOD score: the uncertainty map alone
+    del only.obs[Key.OBS_OOD_SCORE]
+    assert len(reliability(only, show=False).axes) == 2
+    # a slide flagged by hst.tl.predict: red title and the messages in the figure title
+    flagged = a.copy()
+    dom = flagged.uns[Key.UNS][Key.UNS_PREDICT][Key.UNS_DOMAIN]
+    dom.update(flagged=True, messages=["pixel size 3.2 µm/px, training 0.5 µm/px", "stain far from training"])
+    fig = reliability(flagged, show=False)
+    assert fig.axes[1].get_title().endswith("\nslide flagged")
+    assert "pixel size 3.2 µm/px" in fig.get_suptitle()
+    assert "stain far" in fig.get_suptitle()
+    missing = a.copy()
+    del missing.obs[Key.OBS_UNCERTAINTY]
+    with pytest.raises(ValueError, match=r"per-spot uncertainty.*ensemble"):
+        reliability(missing, show=False)
+    with pytest.raises(ValueError, match="`bins`"):
+        reliability(a, bins=0, show=False)

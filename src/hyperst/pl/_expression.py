@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.collections import EllipseCollection
-from matplotlib.colors import Normalize
 
 from hyperst._constants import Key
 from hyperst._utils import pearson_per_gene
-from hyperst.pl._utils import align, as_list, doc_figure, finish, observed, prediction
+from hyperst.pl._utils import (
+    VALUE_LABEL,
+    align,
+    as_list,
+    doc_figure,
+    draw_map,
+    finish,
+    observed,
+    prediction,
+    shared_norm,
+    spot_frame,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -21,92 +30,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
 __all__ = ["scatter", "spatial"]
-
-VALUE_LABEL = "log2(1 + counts)"
-
-
-def _image(image: Any) -> np.ndarray | None:
-    """An (H, W), (H, W, 3) or (H, W, 4) array from an array or a ("c", "y", "x") DataArray."""
-    if image is None:
-        return None
-    dims = getattr(image, "dims", None)
-    arr = np.asarray(image)
-    if dims is not None and tuple(dims)[:1] == ("c",):
-        arr = np.moveaxis(arr, 0, -1)
-    if arr.ndim == 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))):
-        raise ValueError(
-            f"`image` must be an (H, W, 3) RGB array (uint8, or float in [0, 1]) or (H, W), got shape {arr.shape}."
-        )
-    return arr
-
-
-def _sample_mask(
-    adatas: Sequence[AnnData | None], n_obs: int, sample: str | None, sample_key: str, image: bool
-) -> tuple[np.ndarray, str | None]:
-    """Spots of ``sample`` (all spots when the table holds one sample) and the sample's name."""
-    labels = None
-    for a in adatas:
-        if a is not None and sample_key in a.obs.columns:
-            labels = a.obs[sample_key].astype(str).to_numpy()
-            break
-    if labels is None:
-        if sample is not None:
-            raise ValueError(f"`sample={sample!r}` but the table has no `.obs[{sample_key!r}]` column (`sample_key`).")
-        return np.ones(n_obs, dtype=bool), None
-    names = list(dict.fromkeys(labels))
-    if sample is None:
-        if len(names) > 1:
-            raise ValueError(
-                f"The table holds {len(names)} samples {names[:10]}: pass `sample=` to plot one of them "
-                f"(their spots share pixel coordinates{' and the image belongs to one' if image else ''})."
-            )
-        return np.ones(n_obs, dtype=bool), names[0]
-    if str(sample) not in names:
-        raise ValueError(f"`sample={sample!r}` is not in `.obs[{sample_key!r}]`; samples: {names[:20]}.")
-    return labels == str(sample), str(sample)
-
-
-def _default_diameter(adatas: Sequence[AnnData | None], sample: str | None, xy: np.ndarray) -> float:
-    """Spot diameter in ``.obsm["spatial"]`` units: from ``.uns["hyperst"]["spots"]``, else 0.8 × the pitch."""
-    for a in adatas:
-        if a is None:
-            continue
-        spots = a.uns.get(Key.UNS, {}).get(Key.UNS_SPOTS, {}) if isinstance(a.uns.get(Key.UNS), Mapping) else {}
-        if not isinstance(spots, Mapping) or not spots:
-            continue
-        meta = spots.get(sample) if sample is not None else (next(iter(spots.values())) if len(spots) == 1 else None)
-        if isinstance(meta, Mapping) and meta.get("spot_diameter") and meta.get("pixel_size"):
-            return float(meta["spot_diameter"]) / float(meta["pixel_size"])
-    if len(xy) < 2:
-        return 1.0
-    from scipy.spatial import cKDTree
-
-    d, _ = cKDTree(xy).query(xy, k=2)
-    pitch = float(np.median(d[:, 1]))
-    return 0.8 * pitch if pitch > 0 else 1.0
-
-
-def _spots(
-    ax: Axes, xy: np.ndarray, values: np.ndarray, diameter: float, norm: Normalize, cmap: str
-) -> EllipseCollection:
-    """Spots as filled circles of ``diameter`` data units, coloured by ``values``."""
-    n = len(xy)
-    col = EllipseCollection(
-        widths=np.full(n, diameter),
-        heights=np.full(n, diameter),
-        angles=np.zeros(n),
-        units="xy",
-        offsets=xy,
-        offset_transform=ax.transData,
-        cmap=cmap,
-        norm=norm,
-        linewidths=0,
-    )
-    col.set_array(values)
-    ax.add_collection(col, autolim=False)
-    return col
 
 
 @doc_figure(None)
@@ -192,31 +115,22 @@ def spatial(
     genes = as_list(genes, "genes")
     if ncols < 1:
         raise ValueError(f"`ncols` must be at least 1, got {ncols}.")
-    if not scale_factor > 0:
-        raise ValueError(f"`scale_factor` must be positive, got {scale_factor}.")
-    img = _image(image)
     pred, pred_layer = prediction(adata_pred, genes, layer)
     truth = align(truth, adata_pred) if truth is not None else None
     obs = observed(
         adata_pred, genes, truth=truth, pred_layer=pred_layer, truth_layer=truth_layer, truth_transform=truth_transform
     )
-    if Key.OBSM_SPATIAL not in adata_pred.obsm:
-        raise ValueError(
-            f"`adata_pred` has no spot coordinates in `.obsm[{Key.OBSM_SPATIAL!r}]`: predict on a table that has "
-            "them (hst.tl.predict copies them)."
-        )
-    xy_all = np.asarray(adata_pred.obsm[Key.OBSM_SPATIAL], dtype=np.float64)[:, :2]
-    mask, sample_name = _sample_mask([adata_pred, truth], adata_pred.n_obs, sample, sample_key, img is not None)
-    xy = xy_all[mask]
-    if not len(xy):
-        raise ValueError("No spots to plot.")
-    diameter = spot_size if spot_size is not None else _default_diameter([truth, adata_pred], sample_name, xy)
-    if not diameter > 0:
-        raise ValueError(f"`spot_size` must be positive, got {spot_size}.")
-    xy = xy * scale_factor
-    diameter = diameter * scale_factor
-    pred = pred[mask]
-    obs = obs[mask] if obs is not None else None
+    frame = spot_frame(
+        adata_pred,
+        truth=truth,
+        image=image,
+        scale_factor=scale_factor,
+        spot_size=spot_size,
+        sample=sample,
+        sample_key=sample_key,
+    )
+    pred = pred[frame.mask]
+    obs = obs[frame.mask] if obs is not None else None
     r = pearson_per_gene(obs, pred) if obs is not None else None
 
     n_per_gene = 2 if obs is not None else 1
@@ -224,34 +138,22 @@ def spatial(
     nrows = -(-len(genes) // ncols)
     fig = plt.figure(figsize=(panel_size * n_per_gene * ncols + 0.9 * ncols, panel_size * nrows), layout="constrained")
     axs = fig.subplots(nrows, ncols * n_per_gene, squeeze=False)
-    lo = xy.min(0) - diameter
-    hi = xy.max(0) + diameter
     for g, gene in enumerate(genes):
         row, col = divmod(g, ncols)
         pair = [axs[row, col * n_per_gene + j] for j in range(n_per_gene)]
         panels = [pred[:, g]] if obs is None else [pred[:, g], obs[:, g]]
-        vmin = float(min(p.min() for p in panels))
-        vmax = float(max(p.max() for p in panels))
-        norm = Normalize(vmin=vmin, vmax=vmax if vmax > vmin else vmin + 1e-9)
+        norm = shared_norm(panels)
         titles = [f"{gene} predicted" + (f" (r = {r[g]:.2f})" if r is not None else ""), f"{gene} observed"]
         mappable = None
         for ax, values, title in zip(pair, panels, titles, strict=False):
-            if img is not None:
-                ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="antialiased")
-            mappable = _spots(ax, xy, values, diameter, norm, cmap)
-            ax.set_xlim(lo[0], hi[0])
-            ax.set_ylim(hi[1], lo[1])  # image convention: y grows downwards
-            ax.set_aspect("equal")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(title)
+            mappable = draw_map(ax, frame, values, norm=norm, cmap=cmap, title=title)
         fig.colorbar(mappable, ax=pair, shrink=0.8, label=VALUE_LABEL)
     for k in range(len(genes), nrows * ncols):  # unused panels of the last row
         row, col = divmod(k, ncols)
         for j in range(n_per_gene):
             axs[row, col * n_per_gene + j].remove()
-    if sample_name is not None:
-        fig.suptitle(sample_name)
+    if frame.sample is not None:
+        fig.suptitle(frame.sample)
     return finish(fig, fig, show=show, save=save, ax_given=False, dpi=dpi)
 
 

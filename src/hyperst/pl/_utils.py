@@ -1,8 +1,12 @@
-"""Shared helpers of :mod:`hyperst.pl`: showing/saving figures and reading predicted and measured expression."""
+"""Shared helpers of :mod:`hyperst.pl`: figures, expression values and spot maps.
+
+Showing/saving figures, reading predicted and measured expression, and drawing spots on the H&E.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -15,6 +19,9 @@ from hyperst._logging import logger
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
+    from matplotlib.axes import Axes
+    from matplotlib.collections import EllipseCollection
+    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
 T = TypeVar("T")
@@ -40,6 +47,8 @@ STREAM_MARKERS: dict[str, str] = {
     Key.OBSM_GENE_SPOT: "^",
     Key.OBSM_GENE_NICHE: "D",
 }
+#: Axis/colour-bar label of expression values (predictions and log-transformed counts).
+VALUE_LABEL = "log2(1 + counts)"
 #: Resolution (dots per inch) of figures written with ``save=`` when no ``dpi`` is given.
 SAVE_DPI = 150
 EXTRA_COLORS = ("#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
@@ -137,7 +146,7 @@ def _dense(x: Any) -> np.ndarray:
     return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
 
 
-def _values(adata: AnnData, genes: list[str], layer: str | None, what: str) -> np.ndarray:
+def values_of(adata: AnnData, genes: list[str], layer: str | None, what: str) -> np.ndarray:
     """Dense ``(n_obs, len(genes))`` values of ``genes`` from ``.X`` or ``layer``; NaN/inf raise naming ``what``."""
     sub = adata[:, genes]
     x = _dense(sub.X if layer is None else sub.layers[layer])
@@ -156,7 +165,7 @@ def prediction(adata_pred: AnnData, genes: list[str], layer: str | None) -> tupl
         layer = Key.LAYER_PRED if Key.LAYER_PRED in adata_pred.layers else None
     if layer is not None and layer not in adata_pred.layers:
         raise ValueError(f"`layer={layer!r}` is not a layer of `adata_pred`; layers: {sorted(adata_pred.layers)}.")
-    return _values(adata_pred, genes, layer, "prediction"), layer
+    return values_of(adata_pred, genes, layer, "prediction"), layer
 
 
 def observed(
@@ -184,7 +193,7 @@ def observed(
         check_genes(genes, source.var_names, "truth")
         if layer is not None and layer not in source.layers:
             raise ValueError(f"`truth_layer={layer!r}` is not a layer of `truth`; layers: {sorted(source.layers)}.")
-    x = _values(source, genes, layer, "measured expression")
+    x = values_of(source, genes, layer, "measured expression")
     if truth_transform == "log2p1":
         if (x < 0).any():
             raise ValueError(
@@ -209,6 +218,187 @@ def align(truth: AnnData, adata_pred: AnnData) -> AnnData:
         "`truth` and `adata_pred` do not share their spots (obs_names): pass the table `hst.tl.predict` was "
         "run on, or align them first."
     )
+
+
+# ---------------------------------------------------------------------------------------------- spot maps
+def image_array(image: Any) -> np.ndarray | None:
+    """An (H, W), (H, W, 3) or (H, W, 4) array from an array or a ("c", "y", "x") DataArray."""
+    if image is None:
+        return None
+    dims = getattr(image, "dims", None)
+    arr = np.asarray(image)
+    if dims is not None and tuple(dims)[:1] == ("c",):
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))):
+        raise ValueError(
+            f"`image` must be an (H, W, 3) RGB array (uint8, or float in [0, 1]) or (H, W), got shape {arr.shape}."
+        )
+    return arr
+
+
+def sample_mask(
+    adatas: Sequence[AnnData | None], n_obs: int, sample: str | None, sample_key: str, image: bool
+) -> tuple[np.ndarray, str | None]:
+    """Spots of ``sample`` (all spots when the table holds one sample) and the sample's name."""
+    labels = None
+    for a in adatas:
+        if a is not None and sample_key in a.obs.columns:
+            labels = a.obs[sample_key].astype(str).to_numpy()
+            break
+    if labels is None:
+        if sample is not None:
+            raise ValueError(f"`sample={sample!r}` but the table has no `.obs[{sample_key!r}]` column (`sample_key`).")
+        return np.ones(n_obs, dtype=bool), None
+    names = list(dict.fromkeys(labels))
+    if sample is None:
+        if len(names) > 1:
+            raise ValueError(
+                f"The table holds {len(names)} samples {names[:10]}: pass `sample=` to plot one of them "
+                f"(their spots share pixel coordinates{' and the image belongs to one' if image else ''})."
+            )
+        return np.ones(n_obs, dtype=bool), names[0]
+    if str(sample) not in names:
+        raise ValueError(f"`sample={sample!r}` is not in `.obs[{sample_key!r}]`; samples: {names[:20]}.")
+    return labels == str(sample), str(sample)
+
+
+def default_diameter(adatas: Sequence[AnnData | None], sample: str | None, xy: np.ndarray) -> float:
+    """Spot diameter in ``.obsm["spatial"]`` units: from ``.uns["hyperst"]["spots"]``, else 0.8 × the pitch."""
+    for a in adatas:
+        if a is None:
+            continue
+        spots = a.uns.get(Key.UNS, {}).get(Key.UNS_SPOTS, {}) if isinstance(a.uns.get(Key.UNS), Mapping) else {}
+        if not isinstance(spots, Mapping) or not spots:
+            continue
+        meta = spots.get(sample) if sample is not None else (next(iter(spots.values())) if len(spots) == 1 else None)
+        if isinstance(meta, Mapping) and meta.get("spot_diameter") and meta.get("pixel_size"):
+            return float(meta["spot_diameter"]) / float(meta["pixel_size"])
+    if len(xy) < 2:
+        return 1.0
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(xy).query(xy, k=2)
+    pitch = float(np.median(d[:, 1]))
+    return 0.8 * pitch if pitch > 0 else 1.0
+
+
+@dataclass(frozen=True)
+class SpotFrame:
+    """Where the spots of one sample go on a map: the image under them, their centres and size in its pixels."""
+
+    #: The image drawn under the spots (``None``: none).
+    image: np.ndarray | None
+    #: Which spots of the table are drawn (the spots of :attr:`sample`).
+    mask: np.ndarray
+    #: The sample drawn (``None`` when the table has no sample column).
+    sample: str | None
+    #: Centres of the drawn spots in image pixels (``.obsm["spatial"]`` × ``scale_factor``).
+    xy: np.ndarray
+    #: Spot diameter in image pixels.
+    diameter: float
+
+    @property
+    def n_spots(self) -> int:
+        """Number of spots drawn."""
+        return len(self.xy)
+
+
+def spot_frame(
+    adata_pred: AnnData,
+    *,
+    truth: AnnData | None,
+    image: Any,
+    scale_factor: float,
+    spot_size: float | None,
+    sample: str | None,
+    sample_key: str,
+) -> SpotFrame:
+    """Resolve image, sample, spot centres and spot size of a map of ``adata_pred`` (checks each argument)."""
+    if not scale_factor > 0:
+        raise ValueError(f"`scale_factor` must be positive, got {scale_factor}.")
+    img = image_array(image)
+    if Key.OBSM_SPATIAL not in adata_pred.obsm:
+        raise ValueError(
+            f"`adata_pred` has no spot coordinates in `.obsm[{Key.OBSM_SPATIAL!r}]`: predict on a table that has "
+            "them (hst.tl.predict copies them)."
+        )
+    xy_all = np.asarray(adata_pred.obsm[Key.OBSM_SPATIAL], dtype=np.float64)[:, :2]
+    mask, sample_name = sample_mask([adata_pred, truth], adata_pred.n_obs, sample, sample_key, img is not None)
+    xy = xy_all[mask]
+    if not len(xy):
+        raise ValueError("No spots to plot.")
+    diameter = spot_size if spot_size is not None else default_diameter([truth, adata_pred], sample_name, xy)
+    if not diameter > 0:
+        raise ValueError(f"`spot_size` must be positive, got {spot_size}.")
+    return SpotFrame(img, mask, sample_name, xy * scale_factor, float(diameter) * scale_factor)
+
+
+def _circles(ax: Axes, xy: np.ndarray, diameter: float, **kwargs: Any) -> EllipseCollection:
+    from matplotlib.collections import EllipseCollection
+
+    n = len(xy)
+    return EllipseCollection(
+        widths=np.full(n, diameter),
+        heights=np.full(n, diameter),
+        angles=np.zeros(n),
+        units="xy",
+        offsets=xy,
+        offset_transform=ax.transData,
+        **kwargs,
+    )
+
+
+def shared_norm(panels: Sequence[np.ndarray]) -> Normalize:
+    """One colour scale over all ``panels``: from their minimum to their maximum."""
+    from matplotlib.colors import Normalize
+
+    vmin = float(min(np.min(p) for p in panels))
+    vmax = float(max(np.max(p) for p in panels))
+    return Normalize(vmin=vmin, vmax=vmax if vmax > vmin else vmin + 1e-9)
+
+
+def draw_map(
+    ax: Axes, frame: SpotFrame, values: np.ndarray, *, norm: Normalize, cmap: str, title: str
+) -> EllipseCollection:
+    """One map panel: the image (if any), the spots as filled circles coloured by ``values``, image orientation.
+
+    The spots are the first collection of ``ax``.
+    """
+    if frame.image is not None:
+        ax.imshow(frame.image, cmap="gray" if frame.image.ndim == 2 else None, interpolation="antialiased")
+    col = _circles(ax, frame.xy, frame.diameter, cmap=cmap, norm=norm, linewidths=0)
+    col.set_array(values)
+    ax.add_collection(col, autolim=False)
+    lo = frame.xy.min(0) - frame.diameter
+    hi = frame.xy.max(0) + frame.diameter
+    ax.set_xlim(lo[0], hi[0])
+    ax.set_ylim(hi[1], lo[1])  # image convention: y grows downwards
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title)
+    return col
+
+
+#: Colour of the rings around flagged (out-of-distribution) spots.
+FLAG_COLOR = "#ff1f5b"
+
+
+def outline_spots(ax: Axes, frame: SpotFrame, which: np.ndarray, *, label: str | None = None) -> EllipseCollection:
+    """Rings around the drawn spots where ``which`` (a boolean per drawn spot) is true."""
+    col = _circles(
+        ax,
+        frame.xy[which],
+        frame.diameter * 1.08,
+        facecolors="none",
+        edgecolors=FLAG_COLOR,
+        linewidths=1.3,
+        label=label,
+    )
+    ax.add_collection(col, autolim=False)
+    return col
 
 
 # ---------------------------------------------------------------------------------------------- embeddings
@@ -244,6 +434,12 @@ def embedding(adata: AnnData, key: str) -> np.ndarray:
 
 def _fit_record(adata: AnnData) -> Mapping[str, Any]:
     rec = adata.uns.get(Key.UNS, {})
+    return rec if isinstance(rec, Mapping) else {}
+
+
+def predict_record(adata: AnnData) -> Mapping[str, Any]:
+    """``.uns["hyperst"]["predict"]``, the record :func:`hyperst.tl.predict` writes (``{}`` when absent)."""
+    rec = _fit_record(adata).get(Key.UNS_PREDICT, {})
     return rec if isinstance(rec, Mapping) else {}
 
 
