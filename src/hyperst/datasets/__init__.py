@@ -4,12 +4,14 @@
 - :func:`hest`: samples of a HEST-1k download (pyramidal TIFF WSI, ``st/<id>.h5ad``, metadata);
 - :func:`visium`: a Space Ranger output folder, through spatialdata-io;
 - :func:`legacy`: an AnnData with scanpy's ``.uns["spatial"]``, through spatialdata-io's converter;
-- :func:`synthetic`: a small SpatialData whose image regions drive known gene programs.
+- :func:`synthetic`: a small SpatialData whose image regions drive known gene programs;
+- :func:`degrade`: a domain-shifted copy of a slide (coarser scan, stain shift, painted background, JPEG).
 """
 
 from hyperst.datasets._her2st import her2st
 from hyperst.datasets._hest import hest, read_wsi
+from hyperst.datasets._shift import degrade
 from hyperst.datasets._synthetic import synthetic
 from hyperst.datasets._visium import legacy, visium, visium_pixel_size
 
-__all__ = ["her2st", "hest", "legacy", "read_wsi", "synthetic", "visium", "visium_pixel_size"]
+__all__ = ["degrade", "her2st", "hest", "legacy", "read_wsi", "synthetic", "visium", "visium_pixel_size"]
