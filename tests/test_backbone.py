@@ -417,3 +417,102 @@ def test_efficientnet_lite0_imagenet(lite0_photos) -> None:
     f = extract_features(feats, photos, device="cpu", progress=False)
     w, b = model.classifier.weight.numpy(), model.classifier.bias.numpy()
     np.testing.assert_allclose(f @ w.T + b, logits, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------- safe specs
+_EVIL = """
+import pathlib
+pathlib.Path({marker!r}).write_text("imported")
+
+class Layer:
+    pass
+"""
+
+
+@pytest.mark.parametrize("key", ["act_layer", "mlp_layer", "norm_layer", "embed_layer"])
+def test_layer_kwargs_never_import_a_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str) -> None:
+    # a tampered hyperst.json names a module of the model folder: it is refused before anything is imported
+    import importlib
+    import sys
+
+    marker = tmp_path / "marker.txt"
+    module = f"hyperst_evil_{key}"  # one module per case: an imported module stays in sys.modules
+    (tmp_path / f"{module}.py").write_text(_EVIL.format(marker=str(marker)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = f"{module}.Layer"
+    spec = {"name": "test_vit", "kwargs": {"img_size": 32, key: name}}
+    with pytest.raises(ValueError, match=rf"kwargs\['{key}'\]='{name}' is not an allowed layer") as err:
+        BackboneSpec.from_dict(json.loads(json.dumps(spec)))
+    assert "timm.layers.{Mlp" in str(err.value)
+    assert "torch.nn.{ReLU" in str(err.value)
+    with pytest.raises(ValueError, match="not an allowed layer"):
+        load_backbone(spec, random_init=True)
+    with pytest.raises(ValueError, match="not an allowed layer"):
+        _resolve_kwargs({key: name})  # the loader's own check, for specs built around the dataclass
+    assert not marker.exists()
+    assert module not in sys.modules
+    # the module is importable, so the refusal above is the allow-list, not an import failure
+    importlib.import_module(module)
+    monkeypatch.delitem(sys.modules, module)
+    assert marker.exists()
+
+
+def test_layer_kwargs_allow_list_resolves_by_name() -> None:
+    import timm.layers
+
+    out = _resolve_kwargs({"mlp_layer": "timm.layers.SwiGLUPacked", "act_layer": "torch.nn.SiLU", "norm_layer": "gelu",
+                           "img_size": 32})
+    assert out["mlp_layer"] is timm.layers.SwiGLUPacked
+    assert out["act_layer"] is torch.nn.SiLU
+    assert out["norm_layer"] == "gelu"  # a name timm resolves itself stays a string
+    model = load_backbone(BackboneSpec(name="test_vit", kwargs={"img_size": 32, "act_layer": "torch.nn.SiLU"}),
+                          random_init=True)
+    assert isinstance(model.blocks[0].mlp.act, torch.nn.SiLU)
+    # a close miss gets a suggestion; file-loading timm arguments are refused
+    with pytest.raises(ValueError, match=r"Did you mean 'torch.nn.SiLU'\?"):
+        BackboneSpec(name="test_vit", kwargs={"act_layer": "torch.nn.Silu"})
+    for key in ("checkpoint_path", "pretrained_cfg_overlay", "pretrained"):
+        with pytest.raises(ValueError, match=rf"kwargs\['{key}'\] is not allowed"):
+            BackboneSpec(name="test_vit", kwargs={key: "x"})
+    with pytest.raises(ValueError, match="top-level installed package"):
+        load_backbone(BackboneSpec(name="test_vit", weights="package:hyperst_evil.sub"))
+
+
+def test_unknown_backbone_name_says_how_to_name_one(tmp_path: Path) -> None:
+    for kwargs in ({}, {"random_init": True}):  # the name is checked before the weights
+        with pytest.raises(ValueError, match=r"Unknown backbone 'efficientnet_lite9'\. Did you mean 'efficientnet_"):
+            load_backbone("efficientnet_lite9", **kwargs)
+    with pytest.raises(ValueError, match="Unknown backbone 'not_a_model_xyz'") as err:
+        load_backbone("not_a_model_xyz")
+    for part in ("named backbones ['efficientnet_lite0'", "timm architecture name", "weights='/path/to/checkpoint'",
+                 "hf-hub:owner/repo"):
+        assert part in str(err.value)
+    torch.save(_tiny_source().state_dict(), tmp_path / "w.pth")
+    with pytest.raises(ValueError, match="looks like a weights file or folder, not an architecture"):
+        load_backbone(str(tmp_path / "w.pth"))
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"", "the file is empty"),
+        (np.random.default_rng(0).bytes(4096), "neither a torch.save zip archive nor a legacy torch pickle"),
+        (b"<html>404 not found</html>", "neither a torch.save zip archive"),
+        ("truncated", r"a truncated or damaged zip archive \(RuntimeError: PytorchStreamReader"),
+    ],
+    ids=["empty", "random-bytes", "html", "truncated"],
+)
+def test_corrupt_weights_are_diagnosed(tmp_path: Path, content, match: str) -> None:
+    path = tmp_path / "w.pth"
+    if content == "truncated":
+        torch.save(_tiny_source().state_dict(), path)
+        content = path.read_bytes()[: path.stat().st_size // 2]
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=match) as err:
+        load_backbone(TINY_VIT, weights=path)
+    assert str(path) in str(err.value)
+    assert "not a PyTorch checkpoint" in str(err.value)
+    assert "holds more than tensors" not in str(err.value)
+    (tmp_path / "w.safetensors").write_bytes(np.random.default_rng(1).bytes(512))
+    with pytest.raises(ValueError, match=r"not a valid \.safetensors file"):
+        load_backbone(TINY_VIT, weights=tmp_path / "w.safetensors")

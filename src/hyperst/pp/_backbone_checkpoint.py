@@ -27,21 +27,78 @@ __all__ = ["load_state", "read_checkpoint"]
 _N_SHOW = 5
 
 
+def _sniff(path: Path) -> str:
+    """What the first bytes of ``path`` say: ``"zip"``, ``"pickle"``, ``"safetensors"``, ``"empty"`` or ``"other"``."""
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if not head:
+        return "empty"
+    if head[:4] == b"PK\x03\x04":
+        return "zip"  # torch.save since torch 1.6
+    if head[:1] == b"\x80" and 2 <= head[1] <= 5:
+        return "pickle"  # legacy torch.save (a pickle protocol header)
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"  # 8-byte header length, then the JSON header
+    return "other"
+
+
+def _not_a_checkpoint(path: Path, what: str) -> ValueError:
+    return ValueError(
+        f"Backbone weights {str(path)!r} are not a PyTorch checkpoint: {what}. The file is corrupt or truncated "
+        "(download or copy it again), or it is in another format; expected a torch.save(state_dict) file "
+        "(.pth/.pt/.bin) or a .safetensors file."
+    )
+
+
+def _torch_reason(err: BaseException) -> str:
+    """The informative part of a ``torch.load`` error, on one line without terminal escapes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    found = re.search(r"WeightsUnpickler error: (.*?)(?: was not an allowed global| Please|$)", text, flags=re.M)
+    if found:
+        return found.group(1).strip()
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return f"{type(err).__name__}: {first.split('. ')[0].rstrip('.')}"
+
+
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """Read a tensor ``state_dict`` from ``path`` (safely: no arbitrary unpickling)."""
-    if path.suffix == ".safetensors":
+    """Read a tensor ``state_dict`` from ``path`` (safely: no arbitrary unpickling).
+
+    Raises
+    ------
+    ValueError
+        The file is empty, corrupt, truncated or not a checkpoint (the message says which and names the
+        path), holds Python objects besides tensors, or holds no ``state_dict`` of tensors.
+    """
+    kind = _sniff(path)
+    if kind == "empty":
+        raise _not_a_checkpoint(path, "the file is empty (0 bytes)")
+    if path.suffix == ".safetensors" or kind == "safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        obj: Any = load_file(str(path), device="cpu")
+        try:
+            obj: Any = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as err:
+            if path.suffix != ".safetensors":  # only the header looked like safetensors
+                raise _not_a_checkpoint(path, "neither a torch.save archive nor a pickle") from None
+            raise _not_a_checkpoint(path, f"not a valid .safetensors file ({err})") from None
     else:
+        if kind == "other":
+            raise _not_a_checkpoint(
+                path, "neither a torch.save zip archive nor a legacy torch pickle (its first bytes match neither)"
+            )
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
             raise ValueError(
-                f"Checkpoint {str(path)!r} holds more than tensors and cannot be read safely "
-                f"(torch.load(weights_only=True): {str(err).splitlines()[0]}). Re-save it as "
+                f"Checkpoint {str(path)!r} holds more than tensors (Python objects) and cannot be read safely "
+                f"(torch.load(weights_only=True): {_torch_reason(err)}). Re-save it as "
                 "torch.save(model.state_dict(), path) or as .safetensors."
             ) from None
+        except (RuntimeError, EOFError, OSError, KeyError, ValueError) as err:
+            detail = _torch_reason(err)
+            what = "a truncated or damaged zip archive" if kind == "zip" else "a pickle that torch cannot read"
+            raise _not_a_checkpoint(path, f"{what} ({detail})") from None
     for _ in range(3):
         if isinstance(obj, Mapping) and not _is_tensor_dict(obj):
             inner = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), Mapping)), None)
