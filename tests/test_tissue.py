@@ -156,8 +156,61 @@ def test_tissue_threshold_is_skimage_otsu_of_the_slide():
     blank, _ = _he(tissue=False)
     assert tissue_threshold(_parse(blank), pixel_size=PX) == pytest.approx(0.05)
     assert tissue_threshold(_parse(np.zeros((64, 64, 3), np.uint8)), pixel_size=PX) == np.inf
-    with pytest.raises(ValueError, match="grey"):
-        tissue_threshold(xr.DataArray(np.zeros((1, 32, 32), dtype=np.uint8), dims=("c", "y", "x")))
+    assert not thr.grey
+
+
+def _grey(img: np.ndarray, channels: int) -> np.ndarray:
+    """A grey version ``(y, x, channels)`` (luminance, rounded) of an RGB ``(y, x, 3)`` uint8 slide."""
+    lum = np.rint(img.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.uint8)
+    return np.repeat(lum[..., None], channels, axis=-1)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_grey_slide_tissue_by_darkness(channels):
+    """A grey slide (one channel, or three equal ones) has no saturation: tissue is what is darker than the glass."""
+    from scipy import ndimage
+    from skimage.filters import threshold_otsu
+
+    from hyperst._warnings import HyperSTWarning
+
+    img, inside = _he(pad=80)
+    grey = _grey(img, channels)
+    with pytest.warns(HyperSTWarning, match=r"grey .*Otsu on darkness.*no stain colour"):
+        thr = tissue_threshold(_parse(grey), pixel_size=PX)
+    assert thr.grey
+    # by hand: 2 px blocks, blurred, Otsu of the darkness of the pixels away from black
+    lum = grey[..., 0].astype(np.float32).reshape(500, 2, 600, 2).mean(axis=(1, 3)) / 255
+    bright = ndimage.minimum_filter(lum, size=5) > 0.1  # not within 2 px of the black padding
+    lum = ndimage.gaussian_filter(lum, sigma=1.0, mode="nearest")
+    ref = float(threshold_otsu((1 - lum)[bright].astype(np.float64)))
+    assert 0.1 < ref < 0.3  # glass ≈ 0.06 dark, eosin pink ≈ 0.3
+    assert thr == pytest.approx(ref, abs=1e-6)
+    mask, scale = tissue_mask(_parse(grey), pixel_size=PX)
+    assert _iou(mask, _truth_on_mask(inside, mask.shape, scale)) > 0.95  # as good as on RGB
+    assert not mask[:, : 80 // 2].any()
+    # crops (always RGB: grey is replicated) with the grey threshold: tissue 1, glass 0, a border half
+    rgb3 = _grey(img, 3)
+    crops = np.stack([rgb3[480:512, 580:612], rgb3[20:52, 1150:1182], rgb3[440:472, 1074:1106]])
+    tf = tissue_fraction(crops, threshold=thr)
+    assert tf[0] == 1.0
+    assert tf[1] == 0.0
+    yy, xx = np.mgrid[440:472, 1074:1106]
+    truth = inside(xx + 0.5, yy + 0.5).mean()
+    assert 0.3 < truth < 0.7
+    assert tf[2] == pytest.approx(truth, abs=0.08)
+    # the RGB rule on the same crops finds nothing: the silently wrong 0.00 of grey images before
+    np.testing.assert_array_equal(tissue_fraction(crops, threshold=float(thr)), 0.0)
+    # threshold=None: the crops' own Otsu threshold, and they are detected as grey
+    np.testing.assert_allclose(tissue_fraction(crops), tf, atol=0.02)
+
+
+def test_grey_blank_slide_has_no_tissue():
+    blank, _ = _he(tissue=False)
+    with pytest.warns(match="grey"):
+        thr = tissue_threshold(_parse(_grey(blank, 1)), pixel_size=PX)
+    assert thr.grey
+    assert thr == 1.0  # the two Otsu classes of glass noise differ by < 0.1 darkness
+    assert not tissue_mask(_parse(_grey(blank, 3)), pixel_size=PX)[0].any()
 
 
 def test_tissue_fraction_per_slide_threshold_rejects_tinted_glass():
@@ -202,9 +255,9 @@ def test_tissue_mask_bad_arguments(kwargs, match):
 
 
 def test_tissue_mask_rejects_non_rgb():
-    grey = xr.DataArray(np.zeros((1, 32, 32), dtype=np.uint8), dims=("c", "y", "x"))
-    with pytest.raises(ValueError, match="RGB"):
-        tissue_mask(grey, pixel_size=1.0)
+    two = xr.DataArray(np.zeros((2, 32, 32), dtype=np.uint8), dims=("c", "y", "x"))
+    with pytest.raises(ValueError, match=r"2 channels.*RGB"):
+        tissue_mask(two, pixel_size=1.0)
     with pytest.raises(TypeError, match="image element"):
         tissue_mask(np.zeros((3, 32, 32), dtype=np.uint8), pixel_size=1.0)
 
@@ -370,3 +423,31 @@ def test_grid_spots_errors(slide):
     two = SpatialData(images={"a": _parse(img), "b": _parse(img)})
     with pytest.raises(ValueError, match="image_key"):
         grid_spots(two, pixel_size=PX, layout="visium")
+
+
+def test_synthetic_slide_in_grey_keeps_its_tissue_fractions():
+    """The synthetic slide in grey: spot tissue fractions follow the RGB ones (before: 0.00 for every spot)."""
+    import hyperst as hst
+    from hyperst._warnings import HyperSTWarning
+
+    sdata = hst.datasets.synthetic(n_samples=1, n_rows=6, n_cols=6, n_genes=12)
+    rgb = hst.pp.crops(sdata, progress=False)[0].tissue_fraction
+    assert 0.5 < rgb.mean() < 0.8
+    image = sdata.images["sample0_image"]
+    grey = _grey(np.moveaxis(image.values, 0, -1), 3)
+    sdata.images["sample0_image"] = Image2DModel.parse(
+        grey.transpose(2, 0, 1), dims=("c", "y", "x"), transformations=get_transformation(image, get_all=True)
+    )
+    with pytest.warns(HyperSTWarning, match="grey"):
+        tf = hst.pp.crops(sdata, progress=False)[0].tissue_fraction
+    assert abs(tf.mean() - rgb.mean()) < 0.05
+    assert np.corrcoef(tf, rgb)[0, 1] > 0.95
+    assert np.abs(tf - rgb).max() < 0.25
+    # one channel or three equal ones: the same threshold
+    with pytest.warns(HyperSTWarning):
+        one = tissue_threshold(Image2DModel.parse(grey[..., :1].transpose(2, 0, 1), dims=("c", "y", "x")),
+                               pixel_size=1.0)
+    with pytest.warns(HyperSTWarning):
+        three = tissue_threshold(sdata.images["sample0_image"], pixel_size=1.0)
+    assert one.grey
+    assert one == pytest.approx(three, abs=1e-6)

@@ -10,6 +10,7 @@ prediction treat them like measured spots.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -17,24 +18,35 @@ from scipy import ndimage
 
 from hyperst._constants import Key
 from hyperst._logging import logger
+from hyperst._warnings import HyperSTWarning
 from hyperst.pp._layout import LAYOUTS, MIN_SPOT_WINDOW_UM
 from hyperst.pp._pyramid import image_levels, image_shape
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
 
-__all__ = ["grid_spots", "tissue_fraction", "tissue_mask", "tissue_threshold"]
+__all__ = ["TissueThreshold", "grid_spots", "tissue_fraction", "tissue_mask", "tissue_threshold"]
 
 #: the default mask side is at most this many pixels ...
 _MAX_MASK_SIDE = 2048
 #: ... and its pixels are at least this many µm (tissue detection needs no more detail)
 _MIN_MASK_PIXEL_SIZE = 4.0
+#: a mask is never coarser than this many pixels along the image's longer side (a far too small pixel size
+#: must not make the reader pad the image to a block of millions of pixels)
+_MIN_MASK_SIDE = 8
 #: Otsu thresholds above this saturation are capped (an image that is all tissue must not be split in two)
 _MAX_SATURATION_THRESHOLD = 0.25
 #: lowest saturation threshold (0–1): a blank slide gives no tissue
 MIN_SATURATION = 0.05
 #: pixels whose value (brightest channel, 0–1) is at most this are not tissue (black padding, borders)
 MIN_VALUE = 0.1
+#: an image is grey when 99 % of its pixels have channels within this spread (0–1): one channel replicated, or
+#: RGB saved from a grey scan (JPEG leaves ±1–2 levels)
+_GREY_SPREAD = 2.5 / 255
+#: on grey images the tissue score is the darkness ``1 - intensity``; Otsu thresholds above this are capped
+_MAX_DARKNESS_THRESHOLD = 0.4
+#: ... and a grey slide whose two Otsu classes differ by less darkness than this has no tissue (blank glass)
+_MIN_GREY_CONTRAST = 0.1
 #: at most this many pixel saturations enter the Otsu threshold of a set of crops
 _MAX_OTSU_SAMPLES = 1 << 20
 #: at most this many lattice points are laid before filtering
@@ -56,10 +68,10 @@ def _levels(image: Any) -> list[Any]:
         dims = {str(d) for d in arr.dims}
         if dims != {"c", "y", "x"}:
             raise ValueError(f"`image` level {i} must have dims ('c', 'y', 'x'), got {tuple(arr.dims)}.")
-        if arr.sizes["c"] < 3:
+        if arr.sizes["c"] == 2:
             raise ValueError(
-                f"`image` has {arr.sizes['c']} channel(s): tissue detection needs an RGB H&E image (3 channels); "
-                "a grey image has no colour to tell stained tissue from glass."
+                "`image` has 2 channels: tissue detection needs an RGB H&E image (3 channels, or 4 with alpha) or a "
+                "one-channel grey image."
             )
         out.append(arr.transpose("c", "y", "x"))
     return out
@@ -81,13 +93,14 @@ def _downsampled_rgb(image: Any, factor: float, *, at_least: bool) -> tuple[np.n
 
     levels = _levels(image)
     h0, w0 = int(levels[0].sizes["y"]), int(levels[0].sizes["x"])
+    factor = max(1.0, min(factor, max(h0, w0) / _MIN_MASK_SIDE))
     factors = [float(np.sqrt(h0 / arr.sizes["y"] * w0 / arr.sizes["x"])) for arr in levels]
     level = max(i for i, f in enumerate(factors) if i == 0 or f <= factor * (1 + 1e-6))
     ratio = factor / factors[level]
     k = int(np.ceil(ratio - 1e-6)) if at_least else int(np.floor(ratio + 1e-6))
     k = max(k, 1)
     arr = levels[level]
-    data = arr.data[:3]
+    data = arr.data[:3]  # RGB (alpha dropped), or the one grey channel
     dtype = np.dtype(data.dtype)
     if np.issubdtype(dtype, np.integer):
         top = float(np.iinfo(dtype).max)
@@ -107,10 +120,59 @@ def _downsampled_rgb(image: Any, factor: float, *, at_least: bool) -> tuple[np.n
     if np.issubdtype(dtype, np.floating) and rgb.size and float(rgb.max()) > 1.5:
         top = 255.0  # float image in [0, 255]
     rgb = np.moveaxis(rgb, 0, -1) / np.float32(top)
+    if rgb.shape[-1] == 1:
+        rgb = np.repeat(rgb, 3, axis=-1)
     return rgb, factors[level] * k, level
 
 
 # ---------------------------------------------------------------------------------------------- mask
+class TissueThreshold(float):
+    """The tissue threshold of one slide: a ``float``, and whether the slide is grey.
+
+    On an RGB slide the threshold is a saturation; on a grey slide (one channel, or three equal ones) it is a
+    darkness ``1 - intensity``. :func:`tissue_fraction` reads :attr:`grey` to apply the matching rule.
+
+    Parameters
+    ----------
+    value
+        The threshold.
+    grey
+        Whether it is a darkness threshold of a grey slide.
+    """
+
+    grey: bool
+
+    def __new__(cls, value: float, *, grey: bool = False) -> TissueThreshold:
+        obj = super().__new__(cls, value)
+        obj.grey = bool(grey)
+        return obj
+
+    def __repr__(self) -> str:
+        return f"TissueThreshold({float(self)!r}, grey={self.grey})"
+
+
+def _is_grey(rgb: np.ndarray) -> bool:
+    """Whether ``(..., 3)`` RGB in [0, 1] is grey: 99 % of its bright pixels have (nearly) equal channels."""
+    mx = rgb.max(axis=-1)
+    spread = (mx - rgb.min(axis=-1))[mx > MIN_VALUE]
+    if spread.size == 0:
+        return False
+    step = max(1, spread.size // _MAX_OTSU_SAMPLES)
+    return bool(np.quantile(spread[::step], 0.99) <= _GREY_SPREAD)
+
+
+def _score_value(blurred: np.ndarray, raw: np.ndarray, grey: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Tissue score and value of blurred ``(..., y, x, 3)`` RGB in [0, 1]: saturation and max, or grey ones.
+
+    Grey: the darkness, and the darkest raw intensity within 2 pixels (the blurred rim of black padding is no
+    dark tissue).
+    """
+    if grey:
+        size = (1,) * (raw.ndim - 3) + (5, 5)
+        return np.float32(1.0) - blurred.mean(axis=-1), ndimage.minimum_filter(raw.mean(axis=-1), size=size)
+    return _saturation_value(blurred)
+
+
 def _saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """HSV saturation ``(max - min) / max`` and value ``max`` of ``(..., 3)`` RGB in [0, 1] (float32)."""
     mx = rgb.max(axis=-1)
@@ -118,31 +180,41 @@ def _saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (mx - mn) / np.maximum(mx, np.float32(1e-6)), mx
 
 
-def _crop_saturation(crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Saturation and value of ``(b, h, w, 3)`` uint8 crops, blurred as :func:`tissue_mask` blurs the slide."""
+def _crop_score(crops: np.ndarray, grey: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Tissue score and value of ``(b, h, w, 3)`` uint8 crops, blurred as :func:`tissue_mask` blurs the slide."""
     x = np.asarray(crops, dtype=np.float32) / np.float32(255)
     blurred = ndimage.gaussian_filter(x, sigma=(0.0, 1.0, 1.0, 0.0), mode="nearest")
-    return _saturation_value(blurred)
+    return _score_value(blurred, x, grey)
 
 
-def _otsu_threshold(saturation: np.ndarray, min_saturation: float) -> float:
-    """Otsu's threshold (:func:`skimage.filters.threshold_otsu`) of saturations, kept in ``[min_saturation, 0.25]``.
+def _otsu_threshold(score: np.ndarray, min_saturation: float, *, grey: bool = False) -> TissueThreshold:
+    """Otsu's threshold (:func:`skimage.filters.threshold_otsu`) of tissue scores, kept in a range.
 
+    RGB: saturations, kept in ``[min_saturation, 0.25]``. Grey: darkness, kept in ``[min_saturation, 0.4]``, and
+    ``1`` (nothing is tissue) when the two Otsu classes differ by less than 0.1 in darkness (blank glass).
     ``inf`` when there is no value (no bright pixel: nothing is tissue).
     """
     from skimage.filters import threshold_otsu
 
-    if saturation.size == 0:
-        return float("inf")
-    values = np.asarray(saturation, dtype=np.float64).ravel()
+    if score.size == 0:
+        return TissueThreshold(float("inf"), grey=grey)
+    values = np.asarray(score, dtype=np.float64).ravel()
     otsu = float(values[0]) if float(values.min()) == float(values.max()) else float(threshold_otsu(values))
-    return float(np.clip(otsu, min_saturation, max(min_saturation, _MAX_SATURATION_THRESHOLD)))
+    cap = _MAX_DARKNESS_THRESHOLD if grey else _MAX_SATURATION_THRESHOLD
+    if grey:
+        dark, light = values[values > otsu], values[values <= otsu]
+        if not dark.size or not light.size or float(dark.mean() - light.mean()) < _MIN_GREY_CONTRAST:
+            return TissueThreshold(1.0, grey=True)
+    return TissueThreshold(float(np.clip(otsu, min_saturation, max(min_saturation, cap))), grey=grey)
 
 
-def _slide_saturation(
+def _slide_score(
     image: Any, pixel_size: float | None, target_pixel_size: float | None
-) -> tuple[np.ndarray, np.ndarray, float, int]:
-    """Saturation and value of the blurred, downsampled slide that tissue detection reads, its scale and level."""
+) -> tuple[np.ndarray, np.ndarray, float, int, bool]:
+    """Tissue score and value of the blurred, downsampled slide tissue detection reads, its scale, level, greyness.
+
+    The score is the saturation of an RGB slide, the darkness of a grey one (:func:`_is_grey`).
+    """
     levels = _levels(image)
     shape0 = (int(levels[0].sizes["y"]), int(levels[0].sizes["x"]))
     if target_pixel_size is None:
@@ -151,9 +223,10 @@ def _slide_saturation(
         if pixel_size is None:
             raise ValueError("`target_pixel_size` needs `pixel_size` (µm per level-0 pixel).")
         rgb, scale, level = _downsampled_rgb(image, max(1.0, target_pixel_size / pixel_size), at_least=False)
+    grey = _is_grey(rgb)
     blurred = ndimage.gaussian_filter(rgb, sigma=(1.0, 1.0, 0.0), mode="nearest")
-    sat, value = _saturation_value(blurred)
-    return sat, value, float(scale), level
+    score, value = _score_value(blurred, rgb, grey)
+    return score, value, float(scale), level, grey
 
 
 def _check_threshold_args(min_saturation: float, min_value: float) -> None:
@@ -169,7 +242,7 @@ def tissue_threshold(
     target_pixel_size: float | None = None,
     min_saturation: float = MIN_SATURATION,
     min_value: float = MIN_VALUE,
-) -> float:
+) -> TissueThreshold:
     """The saturation above which a pixel of this slide is stained tissue: one threshold per slide.
 
     This is the threshold :func:`tissue_mask` uses (``method="otsu"``), computed on the same downsampled,
@@ -177,6 +250,12 @@ def tissue_threshold(
     brighter than ``min_value``, kept within ``[min_saturation, 0.25]``. A per-slide threshold separates
     tissue from tinted glass (the pink background of the Her2ST sections, saturation ≈ 0.1–0.15), which a
     fixed threshold counts as tissue. Pass it to :func:`tissue_fraction` for the crops of that slide.
+
+    A grey slide (one channel, or three channels equal within 2.5/255 for 99 % of the pixels) has no saturation:
+    its tissue is what is darker than the glass. The threshold is then Otsu's threshold of the darkness
+    ``1 - intensity`` of the bright pixels, kept within ``[min_saturation, 0.4]`` (``1``, i.e. no tissue, when
+    the two Otsu classes differ by less than 0.1: blank glass), and a :class:`~hyperst._warnings.HyperSTWarning`
+    says that an H&E backbone sees no stain colour in such an image.
 
     Parameters
     ----------
@@ -194,21 +273,28 @@ def tissue_threshold(
 
     Returns
     -------
-    The saturation threshold in ``[min_saturation, 0.25]``, or ``inf`` when the slide has no bright pixel.
+    A :class:`TissueThreshold` (a ``float``): the saturation threshold in ``[min_saturation, 0.25]`` (a darkness
+    threshold with ``.grey`` true for a grey slide), or ``inf`` when the slide has no bright pixel.
 
     Raises
     ------
     ValueError
-        If an argument is out of range or the image is not an RGB ``(c, y, x)`` image (a one-channel grey
-        image has no saturation: tissue cannot be told from glass by colour).
+        If an argument is out of range or the image is not a ``(c, y, x)`` image with 1, 3 or 4 channels.
     TypeError
         If ``image`` is not an image element.
     """
     if pixel_size is not None and not (np.isfinite(pixel_size) and pixel_size > 0):
         raise ValueError(f"`pixel_size` must be a positive number of µm per pixel, got {pixel_size!r}.")
     _check_threshold_args(min_saturation, min_value)
-    sat, value, _, _ = _slide_saturation(image, pixel_size, target_pixel_size)
-    return _otsu_threshold(sat[value > min_value], min_saturation)
+    score, value, _, _, grey = _slide_score(image, pixel_size, target_pixel_size)
+    if grey:
+        warnings.warn(
+            "The image is grey (one channel, or three equal channels): its tissue is found by intensity (Otsu on "
+            "darkness), but an H&E backbone sees no stain colour in it, so its features and predictions are out "
+            "of the distribution the models were trained on. Use the colour H&E scan if there is one.",
+            HyperSTWarning, stacklevel=2,
+        )
+    return _otsu_threshold(score[value > min_value], min_saturation, grey=grey)
 
 
 def tissue_fraction(
@@ -219,6 +305,7 @@ def tissue_fraction(
     min_value: float = MIN_VALUE,
     max_value: float = 1.0,
     batch_size: int = 256,
+    grey: bool | None = None,
 ) -> np.ndarray:
     """Fraction of the pixels of each crop that are stained tissue, by the slide's saturation threshold.
 
@@ -245,6 +332,10 @@ def tissue_fraction(
         Pixels with value above this are not tissue (0–1; 1 disables the test).
     batch_size
         Crops processed at once.
+    grey
+        Apply the grey rule (a pixel is tissue when its darkness ``1 - intensity`` exceeds ``threshold``; see
+        :func:`tissue_threshold`). ``None``: the ``grey`` flag of a :class:`TissueThreshold`, else (``threshold``
+        ``None``) whether the crops are grey, else the RGB (saturation) rule.
 
     Returns
     -------
@@ -263,18 +354,25 @@ def tissue_fraction(
     n = crops.shape[0]
     if threshold is not None and np.isnan(threshold):
         return np.full(n, np.nan, dtype=np.float32)
+    if grey is None:
+        grey = getattr(threshold, "grey", None)
     if threshold is None:
         stride = max(1, int(np.ceil(n * crops.shape[1] * crops.shape[2] / _MAX_OTSU_SAMPLES)))
+        if grey is None:
+            grey = _is_grey(np.concatenate(
+                [np.asarray(crops[s : s + batch_size]).reshape(-1, 3)[::stride] for s in range(0, n, batch_size)]
+            ).astype(np.float32) / np.float32(255)) if n else False
         samples = []
         for s in range(0, n, batch_size):
-            sat, value = _crop_saturation(crops[s : s + batch_size])
-            sat, value = sat.ravel()[::stride], value.ravel()[::stride]
-            samples.append(sat[value > min_value])
-        threshold = _otsu_threshold(np.concatenate(samples) if samples else np.zeros(0), min_saturation)
+            score, value = _crop_score(crops[s : s + batch_size], bool(grey))
+            score, value = score.ravel()[::stride], value.ravel()[::stride]
+            samples.append(score[value > min_value])
+        threshold = _otsu_threshold(np.concatenate(samples) if samples else np.zeros(0), min_saturation,
+                                    grey=bool(grey))
     out = np.zeros(n, dtype=np.float32)
     for s in range(0, n, batch_size):
-        sat, value = _crop_saturation(crops[s : s + batch_size])
-        tissue = (sat > threshold) & (value > min_value) & (value <= max_value)
+        score, value = _crop_score(crops[s : s + batch_size], bool(grey))
+        tissue = (score > threshold) & (value > min_value) & (value <= max_value)
         out[s : s + batch_size] = tissue.mean(axis=(1, 2))
     return out
 
@@ -336,8 +434,9 @@ def tissue_mask(
     ----------
     image
         A spatialdata image element: :class:`xarray.DataArray` with dims ``("c", "y", "x")`` or a multiscale
-        :class:`xarray.DataTree` (``scale0``, ``scale1``, …), RGB (extra channels such as alpha are ignored),
-        uint8 (other integer dtypes are scaled by their maximum, floats read as [0, 1] or [0, 255]).
+        :class:`xarray.DataTree` (``scale0``, ``scale1``, …), RGB (alpha ignored; a grey image is read by
+        darkness, see :func:`tissue_threshold`), uint8 (other integer dtypes scaled by their maximum, floats read
+        as [0, 1] or [0, 255]).
     pixel_size
         µm per level-0 pixel.
     target_pixel_size
@@ -362,7 +461,7 @@ def tissue_mask(
     Raises
     ------
     ValueError
-        If an argument is out of range, or the image is not an RGB ``(c, y, x)`` image.
+        If an argument is out of range, or the image is not a ``(c, y, x)`` image with 1, 3 or 4 channels.
     TypeError
         If ``image`` is not an image element.
     """
@@ -377,13 +476,13 @@ def tissue_mask(
         if not (np.isfinite(value) and value >= 0):
             raise ValueError(f"`{name}` must be a non-negative area in µm², got {value!r}.")
 
-    sat, value, scale, level = _slide_saturation(image, pixel_size, target_pixel_size)
+    score, value, scale, level, grey = _slide_score(image, pixel_size, target_pixel_size)
     mask_px = scale * pixel_size  # µm per mask pixel
     bright = value > min_value
-    threshold = _otsu_threshold(sat[bright], min_saturation) if method == "otsu" else min_saturation
+    threshold = _otsu_threshold(score[bright], min_saturation, grey=grey) if method == "otsu" else min_saturation
     if not bright.any():
         threshold = np.inf
-    mask = bright & (sat > threshold)
+    mask = bright & (score > threshold)
     mask = _clean(
         mask,
         closing_px=max(1, round(10.0 / mask_px)),
@@ -391,8 +490,8 @@ def tissue_mask(
         max_hole_px=max_hole_area / mask_px**2,
     )
     logger.debug(
-        f"tissue_mask: level {level}, {mask.shape[1]}×{mask.shape[0]} px of {mask_px:.3g} µm, saturation "
-        f"threshold {threshold:.3g}, tissue {mask.mean():.1%}"
+        f"tissue_mask: level {level}, {mask.shape[1]}×{mask.shape[0]} px of {mask_px:.3g} µm, "
+        f"{'darkness (grey image)' if grey else 'saturation'} threshold {threshold:.3g}, tissue {mask.mean():.1%}"
     )
     return mask, float(scale)
 
