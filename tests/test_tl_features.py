@@ -134,8 +134,9 @@ def test_predict_output_layout_and_errors(slides: list[ad.AnnData], fitted: hst.
     # the table holds measured counts of the genes: prediction goes to the layer, counts stay in X
     np.testing.assert_array_equal(out.X, test[:, fitted.genes].X)
     assert out.layers[Key.LAYER_PRED].shape == (test.n_obs, N_GENES)
-    conf = out.obs[Key.OBS_CONFIDENCE].to_numpy()
-    assert ((conf >= 0) & (conf < 1)).all()
+    radius = out.obs[Key.OBS_RADIUS].to_numpy()
+    assert (radius > 0).all() and np.isfinite(radius).all()
+    assert (out.layers[Key.LAYER_PRED] >= 0).all()
     assert out.obsm["spatial"].shape == (test.n_obs, 2)
     he_only = ad.AnnData(np.zeros((test.n_obs, 0), np.float32), obs=test.obs.copy())
     he_only.obsm[Key.OBSM_FEATURES_SPOT] = test.obsm[Key.OBSM_FEATURES_SPOT]

@@ -80,8 +80,20 @@ class Key:
     VAR_PROGRAM: Final[str] = "program"
 
     # ------------------------------------------------------------------ tools (hst.tl)
-    #: ``.obs`` column of the per-spot prediction confidence.
-    OBS_CONFIDENCE: Final[str] = "hyperst_confidence"
+    #: ``.layers`` key of the lower end of the prediction interval (coverage 1 - alpha).
+    LAYER_LOWER: Final[str] = "hyperst_lower"
+    #: ``.layers`` key of the upper end of the prediction interval.
+    LAYER_UPPER: Final[str] = "hyperst_upper"
+    #: ``.layers`` key of the predictive standard deviation (ensemble spread and held-out residuals).
+    LAYER_STD: Final[str] = "hyperst_std"
+    #: ``.obs`` column: per-spot uncertainty, the mean predictive standard deviation over genes.
+    OBS_UNCERTAINTY: Final[str] = "hyperst_uncertainty"
+    #: ``.obs`` column: out-of-distribution score of the spot's image features against the training spots.
+    OBS_OOD_SCORE: Final[str] = "hyperst_ood_score"
+    #: ``.obs`` column: whether the spot's OOD score exceeds the calibrated threshold.
+    OBS_OOD: Final[str] = "hyperst_ood"
+    #: ``.obs`` column: hyperbolic radius d(O, x) of the image spot embedding (a diagnostic, not a confidence).
+    OBS_RADIUS: Final[str] = "hyperst_radius"
     #: name of the table :func:`hyperst.tl.predict` adds to a SpatialData.
     TABLE_PREDICTION: Final[str] = "hyperst_prediction"
 
@@ -90,6 +102,9 @@ class Key:
     UNS_NICHES: Final[str] = "niches"
     UNS_GENES: Final[str] = "genes"
     UNS_FEATURES: Final[str] = "features"
+    UNS_COLOUR: Final[str] = "colour"  # per sample: mean/std over spots of the crops' optical density (RGB)
     UNS_FIT: Final[str] = "fit"  # training parameters and history written by hst.tl.fit
     UNS_PREDICT: Final[str] = "predict"  # provenance written by hst.tl.predict
+    UNS_DOMAIN: Final[str] = "domain"  # .uns["hyperst"]["predict"]["domain"]: domain-shift checks of hst.tl.predict
+    ATTRS_DEGRADE: Final[str] = "degrade"  # images' attrs["hyperst"]["degrade"]: what hst.datasets.degrade did
     ATTRS_GRID: Final[str] = "grid"  # shapes.attrs["hyperst"]["grid"]: parameters of hst.pp.grid_spots

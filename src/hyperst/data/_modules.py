@@ -185,6 +185,51 @@ class DataSplitter:
             val[idx[v]] = True
         return train, val, "spatial blocks"
 
+    def n_members(self, requested: int | str = "auto") -> int:
+        """How many ensemble members :meth:`member_splits` gives for ``requested`` (``"auto"``: see there)."""
+        if requested == "auto":
+            n_slides = len(pd.unique(self.samples))
+            slide_level = self.validation == "slide" or (self.validation == "auto" and n_slides >= 3)
+            return min(5, n_slides) if slide_level else 1
+        if isinstance(requested, bool) or not isinstance(requested, int | np.integer) or requested < 1:
+            raise ValueError(f"`n_members` must be 'auto' or an integer ≥ 1, got {requested!r}.")
+        return int(requested)
+
+    def member_splits(self, n_members: int | str = "auto") -> list[tuple[np.ndarray, np.ndarray, str]]:
+        """One ``(train, validation, description)`` split per ensemble member.
+
+        One member: :meth:`split`. Several, with slide-level validation (``"auto"`` with three or more
+        slides, or ``"slide"``): the slides are shuffled with the seed and dealt into ``n_members`` folds;
+        member ``k`` validates on fold ``k`` and trains on the others, so every slide is held out by exactly
+        one member (``n_members`` = number of slides: leave one slide out). With spatially blocked
+        validation (``"spatial"``, or ``"auto"`` with one or two slides), member ``k`` draws its blocks with
+        seed ``seed + k``. ``"auto"`` members: ``min(5, n_slides)`` with slide-level validation, else 1.
+        """
+        k = self.n_members(n_members)
+        if k == 1:
+            return [self.split()]
+        uniq = list(pd.unique(self.samples))
+        validation = self.validation
+        slide_level = validation == "slide" or (validation == "auto" and len(uniq) >= 3)
+        if isinstance(validation, str) and slide_level:
+            if k > len(uniq):
+                raise ValueError(f"`n_members={k}` needs as many slides to hold out; the data has {len(uniq)}.")
+            order = np.random.default_rng(self.seed).permutation(len(uniq))
+            folds = np.array_split(order, k)
+            out = []
+            for fold in folds:
+                names = [uniq[i] for i in sorted(fold)]
+                val = np.isin(self.samples, names)
+                out.append((~val, val, f"slides {names}"))
+            return out
+        if validation in ("auto", "spatial"):
+            return [DataSplitter(self.samples, self.coords, validation="spatial", val_fraction=self.val_fraction,
+                                 seed=self.seed + i).split() for i in range(k)]
+        raise ValueError(
+            f"`n_members={k}` rotates the validation data between members; it needs `validation` 'auto', 'slide' "
+            f"or 'spatial', not {validation!r} (or pass `n_members=1`)."
+        )
+
 
 # ---------------------------------------------------------------------------------------------- modules
 class SpotDataModule(L.LightningDataModule):

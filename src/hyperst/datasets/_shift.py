@@ -25,10 +25,10 @@ from hyperst.pp._tissue import tissue_mask
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
 
-__all__ = ["ATTRS_DEGRADE", "degrade"]
+__all__ = ["degrade"]
 
 #: ``image.attrs["hyperst"][ATTRS_DEGRADE]``: the record of what :func:`degrade` did to an image
-ATTRS_DEGRADE = "degrade"
+ATTRS_DEGRADE = Key.ATTRS_DEGRADE
 #: the order in which :func:`degrade` applies its steps
 ORDER: tuple[str, ...] = ("stain", "pixel_size", "background", "jpeg_quality")
 #: fill value of a painted background

@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
         resolve_backbone_spec,
     )
     from hyperst.pp._crops import extract_crops, iter_crops
-    from hyperst.pp._features import SampleCrops, crop_geometry, crops, image_features
+    from hyperst.pp._features import SampleCrops, crop_geometry, crop_optical_density, crops, image_features
     from hyperst.pp._genes import select_genes, targets
     from hyperst.pp._layout import LAYOUTS, CropGeometry
     from hyperst.pp._niches import aggregate_niches, niches
@@ -55,6 +55,7 @@ _LAZY_IMPORTS: dict[str, str] = {
     "ImagePyramid": "hyperst.pp._pyramid",
     "SampleCrops": "hyperst.pp._features",
     "crop_geometry": "hyperst.pp._features",
+    "crop_optical_density": "hyperst.pp._features",
     "crops": "hyperst.pp._features",
     "image_features": "hyperst.pp._features",
     "select_genes": "hyperst.pp._genes",
@@ -82,6 +83,7 @@ __all__ = [
     "SpotCropDataset",
     "aggregate_niches",
     "crop_geometry",
+    "crop_optical_density",
     "crops",
     "dihedral",
     "extract_crops",

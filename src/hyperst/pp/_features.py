@@ -306,8 +306,10 @@ def image_features(
     -------
     The table, with ``.obsm["hyperst_features_spot"]`` and ``.obsm["hyperst_features_niche"]``
     (float32 ``(n, D)``), ``.obs["hyperst_tissue_fraction"]``, ``.obs["hyperst_pad_fraction"]``,
-    ``.uns["hyperst"]["features"]`` (backbone, crop geometry, spots) and
-    ``.uns["hyperst"]["spots"][sample]`` (the resolved geometry).
+    ``.uns["hyperst"]["features"]`` (backbone, crop geometry, spots),
+    ``.uns["hyperst"]["spots"][sample]`` (the resolved geometry) and ``.uns["hyperst"]["colour"][sample]``
+    (mean and standard deviation over spots of the spot crops' optical density per RGB channel,
+    :func:`crop_optical_density`; :func:`hyperst.tl.predict` compares a new slide's with the training slides').
     """
     _ensure_table(sdata, table_key, shapes_key)
     spots = resolve_spots(
@@ -347,6 +349,7 @@ def image_features(
     pad = np.zeros(table.n_obs, dtype=np.float32)
     tissue = np.zeros(table.n_obs, dtype=np.float32)
     covered = np.zeros(table.n_obs, dtype=bool)
+    colour: dict[str, dict[str, list[float]]] = {}
     cached: list[SampleCrops | None] = [None] * len(spots)
     if cache_dir is not None:  # crops go through the on-disk cache (written once, memory-mapped after)
         cached = list(crops(sdata, geometry=geom, image_key={s.shapes_key: s.image_key for s in spots},
@@ -371,6 +374,8 @@ def image_features(
                 pad[target] = np.concatenate([b.pad for b in seen])
                 tissue[target] = np.concatenate([b.tissue for b in seen])
                 covered[target] = True
+                od = np.concatenate([b.od for b in seen])
+                colour[s.sample] = {"od_mean": od.mean(0).tolist(), "od_std": od.std(0).tolist()}
     if not covered.all():
         logger.warning(f"{int((~covered).sum())} table rows have no spot: their features are zero")
     table.obsm[Key.OBSM_FEATURES_SPOT] = feats["spot"]
@@ -378,6 +383,7 @@ def image_features(
     table.obs[Key.OBS_TISSUE_FRACTION] = tissue
     table.obs[Key.OBS_PAD_FRACTION] = pad
     uns[Key.UNS_FEATURES] = record
+    uns[Key.UNS_COLOUR] = {**dict(uns.get(Key.UNS_COLOUR, {})), **colour}
     spots_meta = uns.setdefault(Key.UNS_SPOTS, {})
     for s in spots:
         summary = {k: v for k, v in s.summary().items() if v is not None}  # h5ad cannot store None
@@ -402,6 +408,17 @@ class _Seen(NamedTuple):
     index: np.ndarray
     pad: np.ndarray
     tissue: np.ndarray
+    od: np.ndarray
+
+
+def crop_optical_density(crops: np.ndarray, *, step: int = 4) -> np.ndarray:
+    """Mean optical density ``-log10((I + 1) / 256)`` of each RGB crop ``(n, s, s, 3)`` → ``(n, 3)``.
+
+    Optical density is the Beer–Lambert absorbance (stain amount) behind each channel: a stain or scanner
+    shift moves it, and so does background painted black by a slide export. Every ``step``-th pixel is read.
+    """
+    sub = np.asarray(crops[:, ::step, ::step, :3], dtype=np.float32)
+    return (-np.log10((sub + 1.0) / 256.0)).mean(axis=(1, 2)).astype(np.float32)
 
 
 def _stream(
@@ -445,12 +462,16 @@ def _batches(
         arr = cached.spot if name == "spot" else cached.niche
         for start in range(0, len(arr), batch_size):
             idx = np.arange(start, min(start + batch_size, len(arr)))
-            record = _Seen(idx, np.asarray(cached.pad_fraction[idx]), np.asarray(cached.tissue_fraction[idx]))
-            yield np.array(arr[start : start + len(idx)]), record  # a writable copy of one batch
+            batch = np.array(arr[start : start + len(idx)])  # a writable copy of one batch
+            od = crop_optical_density(batch) if name == "spot" else np.full((len(idx), 3), np.nan, np.float32)
+            record = _Seen(idx, np.asarray(cached.pad_fraction[idx]), np.asarray(cached.tissue_fraction[idx]), od)
+            yield batch, record
         return
     for b in iter_crops(image, s.centers_px, side, out_size=geom.out_size, batch_size=batch_size):
         if name == "spot":
             frac = tissue_fraction(b.crops, threshold=threshold)
+            od = crop_optical_density(b.crops)
         else:
             frac = np.full(len(b.index), np.nan, dtype=np.float32)
-        yield b.crops, _Seen(b.index, b.pad_fraction, frac)
+            od = np.full((len(b.index), 3), np.nan, np.float32)
+        yield b.crops, _Seen(b.index, b.pad_fraction, frac, od)

@@ -46,7 +46,7 @@ def _run_job(job: Job, shared: Shared) -> JobResult:
     import hyperst.tl._fit as fit_module
     from hyperst.pp._genes import targets
     from hyperst.pp._niches import niche_targets
-    from hyperst.tl._evaluate import evaluate
+    from hyperst.tl._evaluate import evaluate, pcc_at_k, pearson_per_gene
 
     table = shared.table
     labels = table.obs[shared.groupby].astype(str).to_numpy()
@@ -84,6 +84,7 @@ def _run_job(job: Job, shared: Shared) -> JobResult:
 
     rows: list[dict] = []
     timings: list[dict] = []
+    extra: dict[str, Any] = {}  # intervals and uncertainty of the method scored next
     record: dict[str, Any] = {"gene_set": job.gene_set, "fold": job.fold, "seed": job.seed,
                               "test_groups": job.test_groups, "val_groups": job.val_groups,
                               "fit_groups": job.fit_groups, "n_genes": len(genes), "n_fit": int(fitm.sum()),
@@ -104,6 +105,24 @@ def _run_job(job: Job, shared: Shared) -> JobResult:
             tr = model.training
             info = {"epochs": tr.get("epochs"), "best_epoch": tr.get("best_epoch"),
                     "best_val_loss": tr.get("best_val_loss")}
+        elif method.kind == "ensemble":
+            t0 = time.perf_counter()
+            groups = sorted(set(job.fit_groups) | set(job.val_groups))
+            model = fit_module.fit(
+                train, genes=genes, preset=str(method.preset), seed=job.seed, validation="slide",
+                n_members=min(5, len(groups)), normalize=shared.normalize, progress=False, **shared.fit_kwargs,
+            )
+            fit_seconds = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            out = model.predict(_test_table(table, test, xs_all, xn_all, shared), progress=False)
+            predict_seconds = time.perf_counter() - t1
+            pred = out.X  # a feature table holds no counts: the prediction is in .X
+            extra = {"intervals": (out.layers[Key.LAYER_LOWER], out.layers[Key.LAYER_UPPER]),
+                     "uncertainty": out.obs[Key.OBS_UNCERTAINTY].to_numpy()}
+            members, _ = model.predict_members(xs_all[test], None if xn_all is None else xn_all[test])
+            info = {"member_pcc50": [pcc_at_k(pearson_per_gene(yte, p), 50) for p in members],
+                    "member_validation": [m["validation"] for m in model.training["members"]],
+                    "ood_fraction": float(out.obs[Key.OBS_OOD].mean())}
         elif method.kind == "retrieval":
             reused = str(method.preset) in models
             model, base_seconds = hyperst_model(str(method.preset))
@@ -124,7 +143,8 @@ def _run_job(job: Job, shared: Shared) -> JobResult:
         else:  # pragma: no cover - every registered kind is handled above
             raise ValueError(method.kind)
         pred = np.asarray(pred, dtype=np.float32)
-        ev = evaluate(yte, pred, truth_transform="none", groups=groups_test, ks=shared.ks)
+        ev = evaluate(yte, pred, truth_transform="none", groups=groups_test, ks=shared.ks, **extra)
+        extra = {}
         summary = ev.summary
         for scope, metric, value in summary[["scope", "metric", "value"]].itertuples(index=False):
             rows.append({"gene_set": job.gene_set, "method": method.name, "fold": job.fold, "seed": job.seed,
@@ -134,6 +154,20 @@ def _run_job(job: Job, shared: Shared) -> JobResult:
         record["methods"][method.name] = jsonable(info)
     return rows, timings, record
 
+
+
+def _test_table(table: AnnData, test: np.ndarray, xs: np.ndarray, xn: np.ndarray | None, shared: Shared) -> AnnData:
+    """The held-out spots as a feature table for :func:`hyperst.tl.predict` (features, sample, pixel metadata)."""
+    import anndata as ad
+
+    out = ad.AnnData(obs=table.obs.loc[test, [c for c in (shared.sample_key,) if c in table.obs]].copy())
+    out.obsm[Key.OBSM_FEATURES_SPOT] = xs[test]
+    if xn is not None:
+        out.obsm[Key.OBSM_FEATURES_NICHE] = xn[test]
+    if shared.sample_key != Key.OBS_SAMPLE and shared.sample_key in out.obs:
+        out.obs[Key.OBS_SAMPLE] = out.obs[shared.sample_key]
+    out.uns[Key.UNS] = {k: v for k, v in table.uns.get(Key.UNS, {}).items() if k in (Key.UNS_FEATURES, Key.UNS_COLOUR)}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- API

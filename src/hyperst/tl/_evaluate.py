@@ -21,6 +21,15 @@ POOLED = "pooled"
 SLIDE_MEAN = "mean_over_slides"
 
 
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (NaN for fewer than three values or a constant input)."""
+    from scipy.stats import spearmanr
+
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b)[0])
+
+
 def pcc_at_k(r: np.ndarray, k: int) -> float:
     """PCC@K: the mean of the ``k`` largest per-gene correlations (all genes when fewer than ``k``)."""
     if k < 1:
@@ -39,8 +48,9 @@ class Evaluation:
         Columns ``scope`` (``"pooled"`` or a slide name), ``gene``, ``pearson_r``.
     summary
         Columns ``scope`` (``"pooled"``, each slide, and ``"mean_over_slides"``, the TRIPLEX-style
-        average of per-slide values), ``metric`` (``"PCC@K"``, ``"MSE"``, ``"MAE"``, ``"n_spots"``)
-        and ``value``.
+        average of per-slide values), ``metric`` (``"PCC@K"``, ``"MSE"``, ``"MAE"``, ``"n_spots"``, and
+        for predictions with intervals ``"coverage"``, ``"width"``, ``"spearman_uncertainty_mae"``) and
+        ``value``.
     """
 
     per_gene: pd.DataFrame
@@ -93,8 +103,10 @@ def evaluate(
     truth_transform: Literal["log2p1", "none"] = "log2p1",
     groups: str | Sequence | np.ndarray | None = "sample",
     ks: Sequence[int] = (10, 50, 200),
+    intervals: tuple[np.ndarray, np.ndarray] | None = None,
+    uncertainty: np.ndarray | None = None,
 ) -> Evaluation:
-    """Per-gene Pearson r, PCC@K, MSE and MAE, pooled and per slide.
+    """Per-gene Pearson r, PCC@K, MSE and MAE, pooled and per slide; coverage of prediction intervals.
 
     Follows METHOD §6: Pearson r per gene over all held-out spots (NaN → 0); PCC@K is the mean of the
     K largest r; MSE and MAE are averaged over genes and spots, on the log2(1 + x) scale. Per-slide
@@ -120,6 +132,13 @@ def evaluate(
         or an array of labels. ``None`` reports pooled metrics only.
     ks
         The K of PCC@K.
+    intervals
+        ``(lower, upper)`` arrays aligned with ``prediction`` (default: ``.layers["hyperst_lower"]`` /
+        ``["hyperst_upper"]`` of a prediction AnnData). Adds ``"coverage"`` (fraction of measured values
+        inside, on the log2(1 + x) scale) and ``"width"`` (mean upper − lower).
+    uncertainty
+        Per-spot uncertainty (default: ``.obs["hyperst_uncertainty"]`` of a prediction AnnData). Adds
+        ``"spearman_uncertainty_mae"``: Spearman ρ between it and the spot's mean absolute error.
 
     Returns
     -------
@@ -132,6 +151,11 @@ def evaluate(
             prediction_layer = Key.LAYER_PRED
         if genes is None:
             genes = list(map(str, prediction.var_names))
+        if intervals is None and Key.LAYER_LOWER in prediction.layers and Key.LAYER_UPPER in prediction.layers:
+            intervals = (_matrix(prediction, genes, Key.LAYER_LOWER, "prediction")[0],
+                         _matrix(prediction, genes, Key.LAYER_UPPER, "prediction")[0])
+        if uncertainty is None and Key.OBS_UNCERTAINTY in prediction.obs:
+            uncertainty = prediction.obs[Key.OBS_UNCERTAINTY].to_numpy()
     if (
         genes is None
         and isinstance(truth, AnnData)
@@ -156,6 +180,14 @@ def evaluate(
         t = np.log2(1.0 + t)
     elif truth_transform != "none":
         raise ValueError(f"`truth_transform` must be 'log2p1' or 'none', got {truth_transform!r}.")
+    if intervals is not None:
+        lower, upper = (np.asarray(a, dtype=np.float64) for a in intervals)
+        if lower.shape != t.shape or upper.shape != t.shape:
+            raise ValueError(f"`intervals` must be two arrays of shape {t.shape}, got {lower.shape}, {upper.shape}.")
+    if uncertainty is not None:
+        uncertainty = np.asarray(uncertainty, dtype=np.float64)
+        if uncertainty.shape != (t.shape[0],):
+            raise ValueError(f"`uncertainty` must have one value per spot ({t.shape[0]}), got {uncertainty.shape}.")
     if isinstance(truth, AnnData) and isinstance(prediction, AnnData) and not truth.obs_names.equals(
         prediction.obs_names
     ):
@@ -180,6 +212,11 @@ def evaluate(
         err = p[mask] - t[mask]
         metrics = {f"PCC@{k}": pcc_at_k(r, k) for k in ks}
         metrics.update({"MSE": float((err**2).mean()), "MAE": float(np.abs(err).mean()), "n_spots": float(mask.sum())})
+        if intervals is not None:
+            inside = (t[mask] >= lower[mask]) & (t[mask] <= upper[mask])
+            metrics.update({"coverage": float(inside.mean()), "width": float((upper[mask] - lower[mask]).mean())})
+        if uncertainty is not None:
+            metrics["spearman_uncertainty_mae"] = spearman(uncertainty[mask], np.abs(err).mean(1))
         rows += [{"scope": scope, "metric": m, "value": v} for m, v in metrics.items()]
     summary = pd.DataFrame(rows)
     if labels is not None and len(scopes) > 2:

@@ -50,6 +50,7 @@ def fit(
     layer: str | None = None,
     normalize: bool = False,
     min_tissue: float | None = None,
+    n_members: int | Literal["auto"] = "auto",
     spot_key: str = Key.OBSM_FEATURES_SPOT,
     niche_key: str = Key.OBSM_FEATURES_NICHE,
     max_epochs: int = 200,
@@ -101,7 +102,13 @@ def fit(
     validation, val_fraction, sample_key, table_key, layer, normalize, min_tissue, spot_key, niche_key
         Which spots and values the model trains on (:class:`DataOptions`). ``validation="auto"`` holds out
         whole slides when there are three or more, else spatially blocked spots
-        (:class:`hyperst.data.DataSplitter`); ``None`` trains on everything for ``max_epochs``.
+        (:class:`hyperst.data.DataSplitter`); ``None`` trains on everything for ``max_epochs`` (and the
+        model then has no prediction intervals).
+    n_members
+        Ensemble members (:class:`DataOptions`). ``"auto"``: ``min(5, n_slides)`` when whole slides are held
+        out, each member validating on its own slides (every slide is held out once), else 1. The
+        prediction is the members' mean, and their held-out residuals calibrate the intervals of
+        :func:`hyperst.tl.predict`. Members train one after another (``n_members`` × the time of one).
     max_epochs, batch_size, lr, weight_decay, patience, seed, num_workers, progress
         Optimisation (:class:`TrainOptions`; reference: 200, 128, 1e-4, 0.01, 10). Early stopping and
         best-weight restoring use the validation loss; the same seed gives the same model on CPU.
@@ -133,7 +140,7 @@ def fit(
                               num_nodes=num_nodes, trainer_kwargs=trainer_kwargs)
     options = DataOptions(validation=validation, val_fraction=val_fraction, sample_key=sample_key, table_key=table_key,
                           layer=layer, normalize=normalize, min_tissue=min_tissue, spot_key=spot_key,
-                          niche_key=niche_key)
+                          niche_key=niche_key, n_members=n_members)
     image = ImageOptions(backbone=backbone, weights=weights, random_init=random_init, lora=lora, geometry=geometry,
                          cache_dir=cache_dir, augment=augment)
     model = HyperST.setup(data, mode=mode, genes=genes, preset=preset, config=config, options=options, image=image,
@@ -204,8 +211,12 @@ def _write_embeddings(model: HyperST, keys: Mapping[str, str], *, progress: bool
         )
         parts = [Part(t, np.arange(t.n_obs), t) for t in whole]
     merged = model.get_embeddings(features, progress=progress)
+    params = {k: v for k, v in model.training.items() if k != "members"}  # h5ad stores no list of dicts
+    members = model.training.get("members") or []
+    params["member_validation"] = [str(m.get("validation")) for m in members]
+    params["member_best_epoch"] = [-1 if m.get("best_epoch") is None else int(m["best_epoch"]) for m in members]
     record = jsonable(
-        {"params": model.training, "genes": model.genes, "config": model.config.to_dict(),
+        {"params": params, "genes": model.genes, "config": model.config.to_dict(),
          "curvature": float(model.network.curvature.detach().cpu()), "key_added": keys["image_spot"],
          "obsm_keys": {k: keys[k] for k in merged}},
         drop_none=True,

@@ -24,8 +24,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "BACKBONE_FILE",
+    "CALIBRATION_FILE",
     "CONFIG_FILE",
     "FORMAT_VERSION",
+    "MEMBERS_FILE",
     "WEIGHTS_FILE",
     "model_record",
     "read_model",
@@ -35,7 +37,12 @@ __all__ = [
 CONFIG_FILE = "hyperst.json"
 WEIGHTS_FILE = "weights.pt"
 BACKBONE_FILE = "backbone.pt"
-FORMAT_VERSION = 1
+#: ensemble members after the first (``"{k}.{parameter}"`` → tensor)
+MEMBERS_FILE = "members.pt"
+#: interval calibration and domain reference arrays (``"calibration.*"``, ``"space.*"``)
+CALIBRATION_FILE = "calibration.pt"
+#: 2: ensembles (members.pt), calibration.pt, member histories and the domain record
+FORMAT_VERSION = 2
 
 
 def model_record(model: HyperST) -> dict[str, Any]:
@@ -51,6 +58,9 @@ def model_record(model: HyperST) -> dict[str, Any]:
         "training": jsonable(model.training),
         "history": jsonable(model.history),
         "lora": None if model.lora is None else model.lora.to_dict(),
+        "n_members": model.n_members,
+        "member_histories": jsonable(model.member_histories[1:]),
+        "domain": None if model.domain is None else jsonable(model.domain.record()),
     }
 
 
@@ -62,6 +72,14 @@ def write_model(model: HyperST, path: str | Path, *, overwrite: bool = False) ->
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.network.state_dict().items()}
     torch.save(state, path / WEIGHTS_FILE)
+    extra = {f"{i}.{k}": v.detach().cpu().contiguous() for i, net in enumerate(model.members) if i
+             for k, v in net.state_dict().items()}
+    _replace(path / MEMBERS_FILE, extra)
+    arrays: dict[str, torch.Tensor] = {}
+    if model.calibration is not None and model.domain is not None:
+        arrays.update({f"calibration.{k}": torch.as_tensor(v) for k, v in model.calibration.tensors().items()})
+        arrays.update({f"space.{k}": torch.as_tensor(v) for k, v in model.domain.space.tensors().items()})
+    _replace(path / CALIBRATION_FILE, arrays)
     if model.image_backbone is not None:
         # adapters only when the base weights can be reloaded from their file; the whole backbone when
         # it was randomly initialised (tests, timing runs)
@@ -88,6 +106,29 @@ def read_model(path: str | Path) -> dict[str, Any]:
     image_model = lora = None
     if meta.get("lora"):
         image_model, lora = _load_lora_backbone(path, meta, config, network)
+    members = [network]
+    n_members = int(meta.get("n_members", 1))
+    if n_members > 1:
+        saved = torch.load(path / MEMBERS_FILE, map_location="cpu", weights_only=True)
+        for i in range(1, n_members):
+            net = HyperSTNetwork(config)
+            net.load_state_dict({k.split(".", 1)[1]: v for k, v in saved.items() if k.split(".", 1)[0] == str(i)})
+            members.append(net)
+    calibration = domain = None
+    if meta.get("domain") is not None and (path / CALIBRATION_FILE).exists():
+        from hyperst.tl._domain import DomainReference
+        from hyperst.tl._uncertainty import Calibration, FeatureSpace
+
+        arrays = torch.load(path / CALIBRATION_FILE, map_location="cpu", weights_only=True)
+
+        def part(prefix: str) -> dict[str, Any]:
+            return {k[len(prefix) + 1 :]: v.numpy() for k, v in arrays.items() if k.startswith(prefix + ".")}
+
+        calibration = Calibration.from_tensors(part("calibration"))
+        rec = meta["domain"]
+        domain = DomainReference(FeatureSpace.from_tensors(part("space")), float(rec["threshold"]),
+                                 float(rec["ood_rate"]), dict(rec.get("held_out", {})), dict(rec.get("slides", {})))
+    history = meta.get("history") or []
     return {
         "config": config,
         "genes": meta["genes"],
@@ -95,11 +136,23 @@ def read_model(path: str | Path) -> dict[str, Any]:
         "crop_geometry": meta.get("crop_geometry"),
         "preprocessing": meta.get("preprocessing"),
         "network": network,
-        "history": meta.get("history"),
+        "history": history,
         "training": meta.get("training"),
         "image_model": image_model,
         "lora": lora,
+        "members": members,
+        "member_histories": [history, *(meta.get("member_histories") or [[] for _ in members[1:]])],
+        "calibration": calibration,
+        "domain": domain,
     }
+
+
+def _replace(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Write ``tensors`` to ``path``, or remove a stale file when there are none."""
+    if tensors:
+        torch.save(dict(tensors), path)
+    elif path.exists():
+        path.unlink()
 
 
 def _load_lora_backbone(

@@ -18,6 +18,7 @@ import torch
 from hyperst._logging import logger
 from hyperst._utils import jsonable, resolve_device
 from hyperst.nn import HyperSTConfig, HyperSTNetwork, ImageHyperST
+from hyperst.tl._domain import DomainReference
 from hyperst.tl._lora import LoraSpec
 from hyperst.tl._options import DataOptions, ImageOptions, TrainerOptions, TrainOptions
 
@@ -26,6 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from hyperst.data import FeatureData, SpotDataModule
     from hyperst.tl._setup import TrainingData
+    from hyperst.tl._uncertainty import Calibration
 
 __all__ = ["HyperST"]
 
@@ -68,6 +70,15 @@ class HyperST:
         LoRA mode: the fine-tuned backbone and the network together (its ``network`` is ``network``).
     lora
         LoRA mode: where the adapters sit (needed to rebuild the backbone on load).
+    members
+        Ensemble members (networks of the same configuration); ``members[0]`` is :attr:`network`. Default:
+        ``[network]``.
+    member_histories
+        Per-epoch history of every member (``member_histories[0]`` is ``history``).
+    calibration
+        Held-out residuals of the members: the prediction intervals (:class:`~hyperst.tl._uncertainty.Calibration`).
+    domain
+        Training-domain reference of the domain-shift checks (:class:`~hyperst.tl._domain.DomainReference`).
     """
 
     def __init__(
@@ -83,6 +94,10 @@ class HyperST:
         training: Mapping[str, Any] | None = None,
         image_model: ImageHyperST | None = None,
         lora: LoraSpec | None = None,
+        members: Sequence[HyperSTNetwork] | None = None,
+        member_histories: Sequence[Sequence[Mapping[str, Any]]] | None = None,
+        calibration: Calibration | None = None,
+        domain: DomainReference | None = None,
     ) -> None:
         genes = [str(g) for g in genes]
         if len(genes) != config.n_genes:
@@ -99,10 +114,22 @@ class HyperST:
             if network is not None and network is not image_model.network:
                 raise ValueError("`network` must be `image_model.network` when both are given.")
             network = image_model.network
-        self.network = network if network is not None else HyperSTNetwork(config)
+        if members is not None:
+            members = list(members)
+            if network is not None and members[0] is not network:
+                raise ValueError("`members[0]` must be `network` when both are given.")
+            network = members[0]
+        network = network if network is not None else HyperSTNetwork(config)
+        #: the ensemble members; ``members[0]`` is :attr:`network`
+        self.members: list[HyperSTNetwork] = members if members is not None else [network]
+        if image_model is not None and len(self.members) > 1:
+            raise ValueError("LoRA models have one member.")
         self.image_model = image_model
         self.lora = lora
         self.history = [dict(h) for h in (history or [])]
+        self.member_histories = [[dict(h) for h in m] for m in (member_histories or [self.history])]
+        self.calibration = calibration
+        self.domain = domain
         self.training = dict(training or {})
         #: registered training data (:meth:`setup`); ``None`` for models built from a configuration or loaded
         self.registered: TrainingData | None = None
@@ -112,13 +139,33 @@ class HyperST:
 
     # ------------------------------------------------------------------ properties
     @property
+    def network(self) -> HyperSTNetwork:
+        """The first ensemble member (the embeddings and :meth:`get_embeddings` come from it)."""
+        return self.members[0]
+
+    @network.setter
+    def network(self, value: HyperSTNetwork) -> None:
+        if hasattr(self, "members"):
+            self.members[0] = value
+        else:
+            self.members = [value]
+
+    @property
+    def n_members(self) -> int:
+        """Number of ensemble members."""
+        return len(self.members)
+
+    @property
     def device(self) -> torch.device:
         """Device of the network's parameters."""
         return next(self.network.parameters()).device
 
     def to(self, device: str | torch.device) -> HyperST:
         """Move the network (and a fine-tuned backbone) to ``device`` (``"auto"``: CUDA when present)."""
-        (self.image_model or self.network).to(resolve_device(device))
+        dev = resolve_device(device)
+        (self.image_model or self.network).to(dev)
+        for m in self.members[1:]:
+            m.to(dev)
         return self
 
     @property
@@ -144,7 +191,8 @@ class HyperST:
         bb = self.backbone.get("name") if self.backbone else "unknown"
         return (
             f"HyperST({cfg.n_genes} genes, image_dim={cfg.image_dim}, emb_dim={cfg.emb_dim}, "
-            f"geometry={cfg.geometry!r}, levels={cfg.levels!r}, backbone={bb!r}, epochs trained={len(self.history)})"
+            f"geometry={cfg.geometry!r}, levels={cfg.levels!r}, backbone={bb!r}, members={self.n_members}, "
+            f"epochs trained={len(self.history)})"
         )
 
     # ------------------------------------------------------------------ inference on features
@@ -167,10 +215,43 @@ class HyperST:
                 raise ValueError(f"The {name} features contain NaN or infinite values.")
 
     @torch.inference_mode()
+    def predict_members(
+        self, spot: np.ndarray, niche: np.ndarray | None = None, *, batch_size: int = 1024
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Every member's prediction from backbone features, and the first member's image embeddings.
+
+        Predictions are clamped at 0: on the log2(1 + counts) scale no value is below 0, and for targets
+        ≥ 0 clamping never increases an error.
+
+        Returns
+        -------
+        ``(K, n, G)`` float32 predictions and ``{"image_spot": (n, d), "image_niche": (n, d)}``.
+        """
+        spot = np.asarray(spot, dtype=np.float32)
+        niche = None if niche is None else np.asarray(niche, dtype=np.float32)
+        self.check_features(spot, niche)
+        dev = self.device
+        preds: list[list[np.ndarray]] = [[] for _ in self.members]
+        embs: dict[str, list[np.ndarray]] = {}
+        for start in range(0, len(spot), batch_size):
+            s = torch.from_numpy(spot[start : start + batch_size]).to(dev)
+            n = None
+            if self.config.has_niche and niche is not None:
+                n = torch.from_numpy(niche[start : start + batch_size]).to(dev)
+            for i, net in enumerate(self.members):
+                out = net.eval()(s, n)
+                preds[i].append(out.prediction.float().clamp_min(0).cpu().numpy())
+                if i == 0:
+                    for k, v in out.embeddings.items():
+                        embs.setdefault(k, []).append(v.float().cpu().numpy())
+        g = self.config.n_genes
+        stacked = np.stack([np.concatenate(p) if p else np.zeros((0, g), np.float32) for p in preds])
+        return stacked, {k: np.concatenate(v) for k, v in embs.items()}
+
     def predict_features(
         self, spot: np.ndarray, niche: np.ndarray | None = None, *, batch_size: int = 1024
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Predict expression and image embeddings from backbone features.
+        """Predict expression (the ensemble mean) and image embeddings from backbone features.
 
         Parameters
         ----------
@@ -183,45 +264,28 @@ class HyperST:
 
         Returns
         -------
-        Predicted expression ``(n, G)`` (log2(1 + counts) scale, float32) and the image embeddings
-        ``{"image_spot": (n, d), "image_niche": (n, d)}`` (Lorentz space components).
+        Predicted expression ``(n, G)`` (log2(1 + counts) scale, ≥ 0, float32; the mean over the members of
+        :meth:`predict_members`) and the first member's image embeddings ``{"image_spot": (n, d),
+        "image_niche": (n, d)}`` (Lorentz space components).
         """
-        spot = np.asarray(spot, dtype=np.float32)
-        niche = None if niche is None else np.asarray(niche, dtype=np.float32)
-        self.check_features(spot, niche)
-        net = self.network.eval()
-        dev = self.device
-        preds, embs = [], {}
-        for start in range(0, len(spot), batch_size):
-            s = torch.from_numpy(spot[start : start + batch_size]).to(dev)
-            n = None
-            if self.config.has_niche and niche is not None:
-                n = torch.from_numpy(niche[start : start + batch_size]).to(dev)
-            out = net(s, n)
-            preds.append(out.prediction.float().cpu().numpy())
-            for k, v in out.embeddings.items():
-                embs.setdefault(k, []).append(v.float().cpu().numpy())
-        pred = np.concatenate(preds) if preds else np.zeros((0, self.config.n_genes), np.float32)
-        return pred, {k: np.concatenate(v) for k, v in embs.items()}
+        preds, embs = self.predict_members(spot, niche, batch_size=batch_size)
+        return preds.mean(0).astype(np.float32), embs
 
-    def confidence(self, embedding: np.ndarray) -> np.ndarray:
-        """Per-spot confidence from the hyperbolic image embedding: ``tanh(d(O, x))``.
+    def radius(self, embedding: np.ndarray) -> np.ndarray:
+        """Hyperbolic radius ``d(O, x)`` of image embeddings (Euclidean norm for the Euclidean variants).
 
-        Entailment training pushes specific (well-determined) image embeddings away from the origin
-        and keeps generic, ambiguous ones near it (MERU, Desai et al. 2023), so the geodesic distance to
-        the origin orders spots by how specific their image evidence is. ``tanh`` maps it to [0, 1).
-        For the Euclidean variants the Euclidean norm is used instead.
+        A diagnostic of the embedding, **not** a confidence: entailment training places generic concepts
+        (niches) nearer the origin than specific ones (spots), but on held-out Her2ST sections the spot
+        radius does not order spots by how well they are predicted (see ``docs/method.md``). For how far to
+        trust a prediction use the intervals and the domain checks of :func:`hyperst.tl.predict`.
         """
         x = torch.as_tensor(np.asarray(embedding, dtype=np.float32))
         if self.config.geometry == "lorentz":
             from hyperst import geometry as geo
 
             c = float(self.network.curvature.detach().cpu())
-            radius = geo.dist(torch.zeros_like(x), x, c)
-        else:
-            radius = x.norm(dim=-1)
-        return torch.tanh(radius).numpy()
-
+            return geo.dist(torch.zeros_like(x), x, c).numpy()
+        return x.norm(dim=-1).numpy()
 
     # ------------------------------------------------------------------ life cycle
     @classmethod
@@ -294,11 +358,24 @@ class HyperST:
         else:
             image_dim = reg.spot.shape[1]
         cfg = HyperSTConfig.from_preset(preset, n_genes=len(reg.genes), image_dim=image_dim, **(config or {}))
+        requested = 1 if mode == "lora" and options.n_members == "auto" else options.n_members
+        n_members = cls._splitter(reg, options).n_members(requested)
+        if mode == "lora" and n_members > 1:
+            raise ValueError(
+                f"`n_members={n_members}`: LoRA models train one member (each member would fine-tune its own "
+                "backbone); pass `n_members=1`, or ensemble in frozen mode."
+            )
         if cfg.uses_alignment and cfg.has_niche:
             reg.add_niche_targets(options)
         torch.manual_seed(seed)
         if mode == "lora":
             image_model = ImageHyperST(ResizeTo(trunk, spec.input_size), cfg)
+        members = None
+        if n_members > 1:
+            members = [HyperSTNetwork(cfg)]
+            for k in range(1, n_members):
+                torch.manual_seed(seed + k)
+                members.append(HyperSTNetwork(cfg))
         model = cls(
             cfg,
             genes=reg.genes,
@@ -309,6 +386,7 @@ class HyperST:
             network=None if image_model is None else image_model.network,
             image_model=image_model,
             lora=lora_spec,
+            members=members,
         )
         model.registered = reg
         model.data_options = options
@@ -316,21 +394,30 @@ class HyperST:
         model.preset = preset
         return model
 
-    def datamodule(self, options: TrainOptions | None = None) -> SpotDataModule:
-        """The data module over the registered spots.
+    @staticmethod
+    def _splitter(reg: TrainingData, opts: DataOptions, seed: int = 42) -> Any:
+        from hyperst.data import DataSplitter
 
-        Split by :class:`hyperst.data.DataSplitter` (with :attr:`data_options` and ``options.seed``), served
-        as features (:class:`~hyperst.data.FeatureDataModule`) or crops (:class:`~hyperst.data.CropDataModule`).
+        return DataSplitter(reg.samples, reg.coords, validation=opts.validation, val_fraction=opts.val_fraction,
+                            seed=seed)
+
+    def datamodule(self, options: TrainOptions | None = None, *, member: int = 0) -> SpotDataModule:
+        """The data module of one ensemble member over the registered spots.
+
+        Split by :meth:`hyperst.data.DataSplitter.member_splits` (with :attr:`data_options` and
+        ``options.seed``; one member: :meth:`~hyperst.data.DataSplitter.split`), batches drawn with seed
+        ``options.seed + member``, served as features (:class:`~hyperst.data.FeatureDataModule`) or crops
+        (:class:`~hyperst.data.CropDataModule`).
         """
-        from hyperst.data import CropDataModule, DataSplitter, FeatureData, FeatureDataModule
+        from hyperst.data import CropDataModule, FeatureData, FeatureDataModule
 
         reg = self._registered()
         options = options or TrainOptions()
-        opts = self.data_options
-        train_mask, val_mask, split = DataSplitter(
-            reg.samples, reg.coords, validation=opts.validation, val_fraction=opts.val_fraction, seed=options.seed
-        ).split()
-        loader = {"batch_size": options.batch_size, "seed": options.seed, "num_workers": options.num_workers}
+        splits = self._splitter(reg, self.data_options, options.seed).member_splits(self.n_members)
+        if not 0 <= member < len(splits):
+            raise ValueError(f"`member` must be in [0, {len(splits)}), got {member}.")
+        train_mask, val_mask, split = splits[member]
+        loader = {"batch_size": options.batch_size, "seed": options.seed + member, "num_workers": options.num_workers}
         niche = reg.niche if self.config.has_niche else None
         if reg.mode == "lora":
             targets = {"targets": reg.targets}
@@ -373,28 +460,35 @@ class HyperST:
             options = replace(options, **overrides)
         hardware = hardware or TrainerOptions()
         reg = self._registered()
-        dm = self.datamodule(options)
-        logger.info(f"training on {dm.n_train} spots, validating on {dm.n_val} ({dm.split})")
-        if dm.n_train < 2:
-            raise ValueError(f"Only {dm.n_train} training spots: the contrastive loss needs batches of at least 2.")
-        module = self.image_model if self.image_model is not None else self.network
-        result = run_training(module, dm, options, hardware)
+        records, masks = [], []
+        for k, net in enumerate(self.members):
+            dm = self.datamodule(options, member=k)
+            tag = f"member {k + 1}/{self.n_members}: " if self.n_members > 1 else ""
+            logger.info(f"{tag}training on {dm.n_train} spots, validating on {dm.n_val} ({dm.split})")
+            if dm.n_train < 2:
+                raise ValueError(f"Only {dm.n_train} training spots: the contrastive loss needs batches of at least 2.")
+            module = self.image_model if self.image_model is not None else net
+            result = run_training(module, dm, replace(options, seed=options.seed + k), hardware)
+            records.append({
+                "member": k, "seed": options.seed + k, "validation": dm.split, "n_train": dm.n_train,
+                "n_val": dm.n_val,
+                "validation_samples": sorted(set(reg.samples[dm.val_mask])) if dm.split.startswith("slides") else None,
+                **{key: result[key] for key in ("epochs", "global_step", "world_size", "best_epoch", "best_val_loss")},
+                "history": result["history"],
+            })
+            masks.append(dm.val_mask)
         self.to(hardware.device)
-        self.network.eval()
-        self.history = result["history"]
+        for net in self.members:
+            net.eval()
+        self.member_histories = [r.pop("history") for r in records]
+        self.history = self.member_histories[0]
+        first = records[0]
         self.training = {
             "mode": reg.mode,
             "preset": self.preset,
-            "validation": dm.split,
-            "n_train": dm.n_train,
-            "n_val": dm.n_val,
-            "validation_samples": sorted(set(reg.samples[dm.val_mask])) if dm.split.startswith("slides") else None,
+            **{key: first[key] for key in ("validation", "n_train", "n_val", "validation_samples")},
             "max_epochs": options.max_epochs,
-            "epochs": result["epochs"],
-            "global_step": result["global_step"],
-            "world_size": result["world_size"],
-            "best_epoch": result["best_epoch"],
-            "best_val_loss": result["best_val_loss"],
+            **{key: first[key] for key in ("epochs", "global_step", "world_size", "best_epoch", "best_val_loss")},
             "batch_size": options.batch_size,
             "lr": options.lr,
             "weight_decay": options.weight_decay,
@@ -402,8 +496,34 @@ class HyperST:
             "seed": options.seed,
             "precision": hardware.precision,
             "min_tissue": self.data_options.min_tissue,
+            "n_members": self.n_members,
+            "members": records,
         }
+        self._calibrate(masks)
         return self
+
+    def _calibrate(self, held_out: Sequence[np.ndarray]) -> None:
+        """Fit the domain reference and the interval calibration on the members' validation spots."""
+        from hyperst.tl._domain import domain_reference
+        from hyperst.tl._setup import training_slides
+        from hyperst.tl._uncertainty import MemberResiduals, calibrate
+
+        self.calibration = self.domain = None
+        if not all(m.any() for m in held_out):
+            logger.info("no validation spots: the model gives no prediction intervals nor domain checks")
+            return
+        reg = self._registered()
+        data = self.registered_features()
+        x = data.spot if data.niche is None else np.concatenate([data.spot, data.niche], axis=1)
+        self.domain = domain_reference(x, reg.samples, held_out, slides=training_slides(reg),
+                                       seed=int(self.training.get("seed", 0)))
+        residuals = []
+        for k, mask in enumerate(held_out):
+            preds, _ = self.predict_members(data.spot[mask], None if data.niche is None else data.niche[mask])
+            residuals.append(MemberResiduals(preds[k], data.targets[mask], x[mask]))
+        self.calibration = calibrate(self.domain.space, residuals)
+        n_val = sum(int(m.sum()) for m in held_out)
+        logger.info(f"calibrated prediction intervals on {n_val} held-out spots of {self.n_members} member(s)")
 
     @property
     def is_trained(self) -> bool:

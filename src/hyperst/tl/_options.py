@@ -132,6 +132,12 @@ class DataOptions:
         from :func:`hyperst.pp.image_features`; the reference uses 0.15). ``None``: all spots.
     spot_key, niche_key
         ``.obsm`` keys of the spot and niche image features (frozen mode).
+    n_members
+        Ensemble members. ``"auto"``: one per validation fold of slides, ``min(5, n_slides)`` when slides are
+        held out (three or more slides), else 1. Each member validates on its own slides (every slide is
+        held out by one member), which gives the held-out residuals behind the prediction intervals
+        (:meth:`hyperst.data.DataSplitter.member_splits`). ``1`` trains a single model, as ``"auto"`` does in
+        LoRA mode (each member would fine-tune its own backbone).
     """
 
     validation: Any = "auto"
@@ -143,8 +149,13 @@ class DataOptions:
     min_tissue: float | None = None
     spot_key: str = Key.OBSM_FEATURES_SPOT
     niche_key: str = Key.OBSM_FEATURES_NICHE
+    n_members: int | str = "auto"
 
     def __post_init__(self) -> None:
+        if self.n_members != "auto" and (
+            isinstance(self.n_members, bool) or not isinstance(self.n_members, int) or self.n_members < 1
+        ):
+            raise ValueError(f"`n_members` must be 'auto' or an integer ≥ 1, got {self.n_members!r}.")
         ok = isinstance(self.val_fraction, int | float) and not isinstance(self.val_fraction, bool)
         if not ok or not 0 < self.val_fraction < 1:
             raise ValueError(f"`val_fraction` must be in (0, 1), got {self.val_fraction!r}.")

@@ -14,7 +14,7 @@ import pandas as pd
 from hyperst._constants import Key
 from hyperst._logging import logger
 from hyperst._utils import jsonable
-from hyperst.tl._setup import feature_matrix
+from hyperst.tl._setup import feature_matrix, slide_records
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -40,9 +40,10 @@ def predict(
     grid: Mapping[str, Any] | None = None,
     device: str = "auto",
     batch_size: int = 1024,
+    alpha: float = 0.1,
     progress: bool = True,
 ) -> AnnData:
-    """Predict expression from H&E alone.
+    """Predict expression from H&E alone, with prediction intervals and domain-shift checks.
 
     Works on a table with precomputed features, and on SpatialData that has spots with or without a
     table, or only an H&E image: then pseudo-spots are placed on a regular grid over the tissue at the
@@ -73,25 +74,44 @@ def predict(
         Device of the backbone for SpatialData input.
     batch_size
         Spots per forward pass of the HyperST heads.
+    alpha
+        Miscoverage of the prediction intervals: they hold ``1 - alpha`` of the measured values (0.9 by
+        default), as calibrated on the members' held-out slides.
     progress
         Show progress bars.
 
     Returns
     -------
-    A new AnnData over the spots and the model's genes with the prediction (log2(1 + counts) scale),
-    the image embeddings in ``.obsm["X_hyperst"]`` / ``.obsm["X_hyperst_niche"]``, a confidence score in
-    ``.obs["hyperst_confidence"]`` (see :meth:`HyperST.confidence`), and the input's ``.obs`` and
-    ``.obsm["spatial"]``. For SpatialData it is also stored as ``sdata.tables[key_added]``.
+    A new AnnData over the spots and the model's genes with
+
+    - the prediction (log2(1 + counts) scale, ≥ 0; the ensemble mean) in ``.X`` or
+      ``.layers["hyperst_pred"]`` (see ``layer``);
+    - for calibrated models (trained with validation data): ``.layers["hyperst_lower"]`` and
+      ``.layers["hyperst_upper"]``, the ``1 - alpha`` prediction interval of each spot and gene;
+      ``.layers["hyperst_std"]``, the predictive standard deviation (member spread and held-out residuals);
+      ``.obs["hyperst_uncertainty"]``, the spot's mean predictive standard deviation over genes (log2 units;
+      larger: trust the spot less; on held-out Her2ST sections it rises with the spot's error);
+    - the domain checks: ``.obs["hyperst_ood_score"]`` (≈ 1 for spots like the training spots) and
+      ``.obs["hyperst_ood"]`` (above the threshold that about 5 % of held-out training-domain spots exceed),
+      and per slide in ``.uns["hyperst"]["predict"]["domain"]`` (flagged spots, pixel size, stain colour;
+      each flag is also logged as a warning);
+    - ``.obs["hyperst_radius"]``, the hyperbolic radius of the spot's image embedding (a diagnostic, not a
+      confidence: :meth:`HyperST.radius`), the image embeddings in ``.obsm["X_hyperst"]`` /
+      ``.obsm["X_hyperst_niche"]``, and the input's ``.obs`` and ``.obsm["spatial"]``.
+
+    For SpatialData it is also stored as ``sdata.tables[key_added]``.
     """
     from anndata import AnnData
 
     if isinstance(data, AnnData):
-        return _predict_table(model, data, spot_key=spot_key, niche_key=niche_key, layer=layer, batch_size=batch_size)
+        return _predict_table(model, data, spot_key=spot_key, niche_key=niche_key, layer=layer, batch_size=batch_size,
+                              alpha=alpha)
     if not hasattr(data, "images"):
         raise TypeError(f"`data` must be an AnnData or a SpatialData, got {type(data).__name__}.")
     return _predict_spatialdata(
         model, data, layer=layer, table_key=table_key, shapes_key=shapes_key, image_key=image_key,
-        pixel_size=pixel_size, key_added=key_added, grid=grid, device=device, batch_size=batch_size, progress=progress,
+        pixel_size=pixel_size, key_added=key_added, grid=grid, device=device, batch_size=batch_size, alpha=alpha,
+        progress=progress,
     )
 
 
@@ -108,6 +128,7 @@ def _predict_spatialdata(
     grid: Mapping[str, Any] | None,
     device: str,
     batch_size: int,
+    alpha: float,
     progress: bool,
 ) -> AnnData:
     from spatialdata.models import TableModel
@@ -143,7 +164,7 @@ def _predict_spatialdata(
         shapes_key=shapes_key, image_key=image_key, pixel_size=pixel_size, device=device, progress=progress,
     )
     out = _predict_table(model, table, spot_key=Key.OBSM_FEATURES_SPOT, niche_key=Key.OBSM_FEATURES_NICHE,
-                         layer=layer, batch_size=batch_size)
+                         layer=layer, batch_size=batch_size, alpha=alpha)
     attrs = table.uns.get("spatialdata_attrs", {})
     if attrs:
         out = TableModel.parse(out, region=attrs["region"], region_key=attrs["region_key"],
@@ -160,13 +181,17 @@ def _predict_table(
     niche_key: str,
     layer: Literal["auto"] | bool,
     batch_size: int,
+    alpha: float,
 ) -> AnnData:
     import anndata as ad
     import scipy.sparse as sp
 
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < 1:
+        raise ValueError(f"`alpha` must be in (0, 1) (0.1 gives 90 % intervals), got {alpha!r}.")
     spot = feature_matrix(data, spot_key, "spot")
     niche = feature_matrix(data, niche_key, "niche") if model.config.has_niche else None
-    pred, embs = model.predict_features(spot, niche, batch_size=batch_size)
+    members, embs = model.predict_members(spot, niche, batch_size=batch_size)
+    pred = members.mean(0).astype(np.float32)
     has_counts = set(model.genes) <= set(map(str, data.var_names))
     to_layer = has_counts if layer == "auto" else bool(layer)
     var = pd.DataFrame(index=pd.Index(model.genes, name=None))
@@ -186,9 +211,28 @@ def _predict_table(
     out.obsm[Key.OBSM_IMAGE_SPOT] = embs["image_spot"]
     if "image_niche" in embs:
         out.obsm[Key.OBSM_IMAGE_NICHE] = embs["image_niche"]
-    out.obs[Key.OBS_CONFIDENCE] = model.confidence(embs["image_spot"])
-    out.uns[Key.UNS] = {Key.UNS_PREDICT: jsonable({
+    out.obs[Key.OBS_RADIUS] = model.radius(embs["image_spot"])
+    record: dict[str, Any] = {
         "genes": model.genes, "layer": Key.LAYER_PRED if to_layer else "X", "backbone": model.backbone,
         "crop_geometry": model.crop_geometry, "curvature": float(model.network.curvature.detach().cpu()),
-    }, drop_none=True)}
+        "n_members": model.n_members,
+    }
+    if model.domain is not None and model.calibration is not None:
+        x = spot if niche is None else np.concatenate([spot, niche], axis=1)
+        samples = (data.obs[Key.OBS_SAMPLE].astype(str).to_numpy() if Key.OBS_SAMPLE in data.obs
+                   else np.full(data.n_obs, "all"))
+        score, flag, report = model.domain.check(x, samples, slide_records([data]))
+        out.obs[Key.OBS_OOD_SCORE] = score
+        out.obs[Key.OBS_OOD] = flag
+        for message in report["messages"]:
+            logger.warning(f"domain shift: {message}")
+        bands = model.calibration.intervals(members, model.domain.space.whiten(x), alpha=alpha)
+        out.layers[Key.LAYER_LOWER] = bands["lower"]
+        out.layers[Key.LAYER_UPPER] = bands["upper"]
+        out.layers[Key.LAYER_STD] = bands["std"]
+        out.obs[Key.OBS_UNCERTAINTY] = bands["uncertainty"]
+        record.update(alpha=float(alpha), domain=report)
+    else:
+        logger.info("this model was trained without validation data: no prediction intervals or domain checks")
+    out.uns[Key.UNS] = {Key.UNS_PREDICT: jsonable(record, drop_none=True)}
     return out

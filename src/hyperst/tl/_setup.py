@@ -24,7 +24,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from hyperst.pp import CropGeometry
     from hyperst.tl._options import DataOptions, ImageOptions
 
-__all__ = ["Part", "TrainingData", "feature_matrix", "niche_target_matrix", "register", "target_matrix"]
+__all__ = ["Part", "TrainingData", "feature_matrix", "niche_target_matrix", "register", "slide_records",
+           "target_matrix", "training_slides"]
 
 
 @dataclass
@@ -110,6 +111,35 @@ def feature_matrix(adata: AnnData, key: str, what: str) -> np.ndarray:
     if x.ndim != 2 or len(x) != adata.n_obs:
         raise ValueError(f"`.obsm[{key!r}]` must be a 2-d array with one row per spot, got shape {x.shape}.")
     return x
+
+
+def slide_records(tables: Sequence[AnnData]) -> dict[str, dict[str, Any]]:
+    """What the feature tables recorded of each slide: ``{sample: {"pixel_size", "od_mean", "od_std"}}``.
+
+    ``pixel_size`` comes from ``.uns["hyperst"]["features"]["samples"]`` and the optical density from
+    ``.uns["hyperst"]["colour"]`` (both written by :func:`hyperst.pp.image_features`); missing ones are left out.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for t in tables:
+        uns = t.uns.get(Key.UNS, {})
+        samples = dict(uns.get(Key.UNS_FEATURES, {}).get("samples", {}) or {})
+        colour = dict(uns.get(Key.UNS_COLOUR, {}) or {})
+        for name in set(samples) | set(colour):
+            rec = out.setdefault(str(name), {})
+            px = dict(samples.get(name, {})).get("pixel_size")
+            if px is not None:
+                rec["pixel_size"] = float(px)
+            c = dict(colour.get(name, {}))
+            for k in ("od_mean", "od_std"):
+                if c.get(k) is not None:
+                    rec[k] = [float(v) for v in np.asarray(c[k]).ravel()]
+    return out
+
+
+def training_slides(reg: TrainingData) -> dict[str, dict[str, Any]]:
+    """:func:`slide_records` of the slides a model trains on (the samples of its registered spots)."""
+    names = set(map(str, np.unique(reg.samples)))
+    return {k: v for k, v in slide_records([p.table for p in reg.parts]).items() if k in names}
 
 
 def register(
