@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import anndata as ad
 import geopandas as gpd
 import numpy as np
@@ -12,6 +14,7 @@ from spatialdata import SpatialData
 from spatialdata.models import Image2DModel, ShapesModel, TableModel
 from spatialdata.transformations import Identity, Scale, Sequence, Translation
 
+from hyperst._warnings import HyperSTWarning
 from hyperst.pp._spots import resolve_spots, spot_table
 
 
@@ -81,7 +84,9 @@ def test_st_square_grid_uses_pitch_when_no_radius_information() -> None:
     # radius 15 px → diameter 30 px = 100 µm → 3.33 µm/px; pitch then = 60 px × 3.33 = 200 µm
     assert spots.pixel_size == pytest.approx(100 / 30)
     assert spots.pitch == pytest.approx(200.0)
-    (spots,) = resolve_spots(_sdata(xy, radius=15.0), pixel_size=2.0)
+    # an override that contradicts the spots (3.33 µm/px) is used, with a warning naming both sizes
+    with pytest.warns(HyperSTWarning, match=r"their diameter is 30 px = 60 µm, but the spot diameter is 100 µm"):
+        (spots,) = resolve_spots(_sdata(xy, radius=15.0), pixel_size=2.0)
     assert (spots.pixel_size, spots.pixel_size_source) == (2.0, "argument")
 
 
@@ -170,6 +175,101 @@ def test_her2st_sections_without_tables_are_st_lattices() -> None:
     for section, reader_pixel_size in (("C3", 0.686), ("C6", 0.6877)):
         bare = SpatialData(images={"he": sdata.images[f"{section}_image"]},
                            shapes={"spots": sdata.shapes[f"{section}_spots"]})
-        (spots,) = resolve_spots(bare)  # H&E + spots only: the layout and pixel size come from the grid
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", HyperSTWarning)  # real data: no contradiction is reported
+            (spots,) = resolve_spots(bare)  # H&E + spots only: the layout and pixel size come from the grid
+            resolve_spots(sdata, shapes_key=f"{section}_spots")  # with the reader's metadata
         assert spots.layout == "st"
         assert spots.pixel_size == pytest.approx(reader_pixel_size, abs=0.002)
+
+
+# ------------------------------------------------------------------------------ contradictions (issue 12)
+def _with_metadata(sdata: SpatialData, **meta: float | str) -> SpatialData:
+    sdata.tables["table"].uns["hyperst"] = {"spots": {"s0": {"image_key": "he", **meta}}}
+    return sdata
+
+
+def test_consistent_geometry_gives_no_warning() -> None:
+    xy = _hex(5, 6, 40.0, origin=50)  # 100 µm pitch at 2.5 µm/px; 55 µm spots = 22 px
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HyperSTWarning)
+        resolve_spots(_sdata(xy, radius=11.0))
+        resolve_spots(_with_metadata(_sdata(xy, radius=11.0), pixel_size=2.5, spot_diameter=55.0, pitch=100.0,
+                                     layout="visium"))
+        resolve_spots(_sdata(xy, radius=11.0), pixel_size=2.5)
+        resolve_spots(_sdata(xy, radius=13.0), pixel_size=2.5)  # 65 µm (Space Ranger's spot): 1.18×, tolerated
+
+
+def test_image_scale_with_spots_in_identity_warns() -> None:
+    # the image gets a Scale transform (downscaled 2×) while the spots stay in identity: in image pixels they
+    # are then half as large and half as far apart as the metadata's pixel size allows
+    xy = _hex(5, 6, 40.0, origin=50)
+    sdata = _with_metadata(_sdata(xy, radius=11.0, image_transform=Scale([2.0, 2.0], axes=("x", "y"))),
+                           pixel_size=2.5, spot_diameter=55.0, pitch=100.0, layout="visium")
+    with pytest.warns(HyperSTWarning, match=r"their diameter is 11 px = 27\.5 µm, but the spot diameter is 55 µm "
+                                            r"\(the metadata\); their spacing is 20 px = 50 µm") as rec:
+        (spots,) = resolve_spots(sdata)
+    assert "another coordinate system than the image" in str(rec[0].message)
+    assert spots.pixel_size == 2.5  # the warning changes nothing
+
+
+def test_radius_holding_the_diameter_warns() -> None:
+    # no pixel size anywhere: it comes from the radius, which the lattice spacing contradicts (2× too big)
+    xy = _hex(5, 6, 40.0, origin=50)
+    with pytest.warns(HyperSTWarning, match=r"gives 1\.25 µm/px but their spacing \(40 px for a 100 µm pitch, the "
+                                            r"visium default\) gives 2\.5 µm/px.*radius column holds diameters"):
+        resolve_spots(_sdata(xy, radius=22.0))
+
+
+def test_pixel_size_override_contradicting_metadata_warns_once() -> None:
+    xy = _hex(5, 6, 40.0, origin=50)
+    sdata = _with_metadata(_sdata(xy, radius=11.0), pixel_size=2.5, spot_diameter=55.0, pitch=100.0, layout="visium")
+    with pytest.warns(HyperSTWarning) as rec:
+        (spots,) = resolve_spots(sdata, pixel_size=5.0)
+    assert len(rec) == 1  # not also the geometry warning the same mistake causes
+    assert str(rec[0].message).startswith(
+        "s0: pixel_size=5 µm/px contradicts the metadata of image `he` (2.5 µm/px, a factor 2.00); using pixel_size=5"
+    )
+    assert (spots.pixel_size, spots.pixel_size_source) == (5.0, "argument")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HyperSTWarning)
+        resolve_spots(sdata, pixel_size=2.6)  # a small correction is no contradiction
+
+
+def test_absurd_radius_is_refused_before_any_crop() -> None:
+    xy = _hex(3, 3, 40.0, origin=60)
+    with pytest.raises(ValueError, match=r"median diameter of 2e\+05 px, more than image `he` \(500×400 px\).*"
+                                         r"pixel size 0\.000275 µm.*pass `pixel_size`"):
+        resolve_spots(_sdata(xy, radius=1e5))
+
+
+def test_table_region_matching_no_shapes() -> None:
+    xy = _hex(3, 3, 40.0, origin=60)
+    sdata = _sdata(xy, radius=11.0)
+    table = sdata.tables["table"]
+    table.obs["region"] = pd.Categorical(["spots_typo"] * table.n_obs)
+    table.uns["spatialdata_attrs"]["region"] = "spots_typo"
+    with pytest.raises(ValueError, match=r"Table `table` annotates region 'spots_typo', which matches no element of "
+                                         r"`sdata` \(shapes: \['spots'\], points: \[\]\)"):
+        resolve_spots(sdata)
+    (spots,) = resolve_spots(sdata, shapes_key="spots")  # explicit spots: used without the table's rows
+    assert spots.table_rows is None
+
+
+def test_grid_record_gives_the_pseudo_spot_geometry() -> None:
+    # pseudo-spots of another size than the layout default: the grid record, not the default, is expected
+    from hyperst.pp._tissue import grid_spots
+
+    img = np.full((3, 600, 600), 240, dtype=np.uint8)
+    img[:, 100:500, 100:500] = np.array([200, 110, 170], dtype=np.uint8)[:, None, None]
+    img = (img.astype(np.int16) + np.random.default_rng(0).integers(-6, 7, size=img.shape)).clip(0, 255)
+    sdata = SpatialData(images={"he": Image2DModel.parse(img.astype(np.uint8), dims=("c", "y", "x"),
+                                                         transformations={"global": Identity()})})
+    key = grid_spots(sdata, pixel_size=2.0, layout="visium", spot_diameter=30.0, pitch=150.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HyperSTWarning)
+        (spots,) = resolve_spots(sdata, shapes_key=key, pixel_size=2.0)
+    assert spots.spot_diameter == pytest.approx(30.0)
+    assert spots.pitch == pytest.approx(150.0)
+    with pytest.warns(HyperSTWarning, match="contradicts the grid record"):
+        resolve_spots(sdata, shapes_key=key, pixel_size=4.0)

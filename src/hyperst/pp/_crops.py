@@ -50,7 +50,11 @@ from hyperst._logging import logger
 from hyperst.pp._layout import is_positive
 from hyperst.pp._pyramid import ImagePyramid
 
-__all__ = ["CropBatch", "extract_crops", "iter_crops"]
+__all__ = ["MAX_WINDOW_BYTES", "CropBatch", "extract_crops", "iter_crops"]
+
+#: Largest region one window may need (RGB uint8 at the level read); a larger window means a wrong pixel size
+#: or spot size, refused before anything is allocated (a 2 mm niche at 0.1 µm/px needs 1.1 GiB).
+MAX_WINDOW_BYTES: int = 4 << 30
 
 
 # --------------------------------------------------------------------------------------------- crops
@@ -189,6 +193,16 @@ def iter_crops(
     ax = plan_axis(centers[:, 0] / fx, side_px / fx, out_size)
     pad = _pad_fraction(centers, side_px, pyr.shape0)
     n_max = max(ay.n, ax.n)
+    need = 3 * ay.n * ax.n
+    if need > MAX_WINDOW_BYTES:
+        h0, w0 = pyr.shape0
+        raise ValueError(
+            f"A window of side_px={side_px:.4g} level-0 pixels needs {ay.n}×{ax.n} px at level {level} "
+            f"({need / 2**30:.1f} GiB) for one crop, on a {w0}×{h0} px image: the window side in pixels is its side "
+            "in µm divided by the pixel size, so the pixel size is far too small or the spot size far too large "
+            "(e.g. spot radii in another unit than the image's pixels). Check `pixel_size` (µm per pixel) and "
+            "`spot_diameter` (µm)."
+        )
     tile = max(math.isqrt(int(max_region_px)) - n_max, 1)
     if n_max * n_max > max_region_px:
         logger.warning(

@@ -7,6 +7,7 @@ between the spots' and the image's coordinate systems.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ import pandas as pd
 from hyperst._constants import Key
 from hyperst._logging import logger
 from hyperst._utils import spot_pitch
+from hyperst._warnings import HyperSTWarning
 from hyperst.pp._layout import LAYOUTS
 from hyperst.pp._pyramid import image_shape
 
@@ -28,6 +30,9 @@ __all__ = ["SampleSpots", "resolve_spots", "spot_table"]
 
 #: Suffixes of spots element names that are not part of the sample name (readers write ``f"{sample}_spots"``).
 _SPOTS_SUFFIXES: tuple[str, ...] = ("_spots", "_shapes", "_circles")
+#: Two physical sizes that differ by this factor or more contradict each other (warned about): wide enough for
+#: Space Ranger's 65 µm spot_diameter_fullres against the 55 µm Visium spot (1.18×) and for fitted grids.
+CONTRADICTION_FACTOR: float = 1.5
 
 @dataclass
 class SampleSpots:
@@ -199,6 +204,92 @@ def _check_positive(name: str, value: float | None) -> None:
         raise ValueError(f"`{name}` must be a positive number of µm, got {value!r}.")
 
 
+def _check_regions(sdata: SpatialData, table_key: str | None, regions: list[str], annotated: list[str]) -> None:
+    """Refuse a table whose regions name no element of ``sdata``; warn about regions that name none."""
+    elements = {*sdata.shapes.keys(), *sdata.points.keys(), *sdata.labels.keys()}
+    missing = [r for r in regions if r not in elements]
+    if not missing:
+        return
+    listing = f"shapes: {_names(sdata.shapes)}, points: {_names(sdata.points)}"
+    if len(missing) == len(regions):
+        what = f"region {missing[0]!r}" if len(missing) == 1 else f"regions {missing}"
+        raise ValueError(
+            f"Table `{table_key}` annotates {what}, which matches no element of `sdata` ({listing}). Point the "
+            f"table at its spots (sdata.set_table_annotates_spatialelement({table_key!r}, region=...); the table's "
+            "region column must name them too), or pass `shapes_key`."
+        )
+    warnings.warn(
+        f"Table `{table_key}` annotates regions {missing} that match no element of `sdata` ({listing}); the table "
+        f"rows of those regions are ignored (spots from {annotated}).",
+        HyperSTWarning, stacklevel=3,
+    )
+
+
+def _grid_record(element: Any, image_key: str) -> dict[str, Any]:
+    """The parameters :func:`hyperst.pp.grid_spots` recorded on a spots element for ``image_key`` (else ``{}``)."""
+    attrs = getattr(element, "attrs", None)
+    record = attrs.get(Key.UNS, {}) if isinstance(attrs, Mapping) else {}
+    grid = record.get(Key.ATTRS_GRID, {}) if isinstance(record, Mapping) else {}
+    if not isinstance(grid, Mapping) or grid.get("image_key") != image_key:
+        return {}
+    return {k: float(grid[k]) for k in ("spot_diameter", "pitch", "pixel_size") if _positive(grid.get(k))}
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int | float | np.number) and not isinstance(value, bool) and bool(
+        np.isfinite(value) and value > 0)
+
+
+def _first(*candidates: tuple[str, Any]) -> tuple[float | None, str | None]:
+    """The first given value of ``(source, value)`` pairs, with its source."""
+    for where, value in candidates:
+        if value:
+            return float(value), where
+    return None, None
+
+
+def _factor(a: float, b: float) -> float:
+    """How many times the larger of two positive sizes is the smaller."""
+    return float(max(a, b) / min(a, b))
+
+
+def _check_physical_size(
+    sample: str, skey: str, ikey: str, cs: str, *, px: float, source: str, layout: str, diam_px: float | None,
+    diam_um: float | None, diam_from: str | None, pitch_px: float | None, pitch_um: float | None,
+    pitch_from: str | None,
+) -> None:
+    """Warn when the spots' size or spacing in pixels contradicts the pixel size and the spot layout.
+
+    With a pixel size known on its own (argument or metadata), the spot diameter and the lattice pitch the
+    shapes imply in µm are compared with the expected ones; with a pixel size derived from the spot diameter,
+    the pixel size the lattice pitch gives is compared with it. A factor of :data:`CONTRADICTION_FACTOR` or
+    more is a contradiction: spots and image in different coordinate systems, a wrong pixel size, or radii
+    that are diameters.
+    """
+    lattice = layout != "generic" and pitch_px is not None and pitch_um is not None
+    problems = []
+    if source in ("argument", "metadata"):
+        if diam_px and diam_um and _factor(diam_px * px, diam_um) >= CONTRADICTION_FACTOR:
+            problems.append(f"their diameter is {diam_px:.4g} px = {diam_px * px:.4g} µm, but the spot diameter is "
+                            f"{diam_um:g} µm ({diam_from})")
+        if lattice and _factor(pitch_px * px, pitch_um) >= CONTRADICTION_FACTOR:  # type: ignore[operator]
+            problems.append(f"their spacing is {pitch_px:.4g} px = {pitch_px * px:.4g} µm, but the pitch is "
+                            f"{pitch_um:g} µm ({pitch_from})")
+    elif source == "spot_diameter" and lattice and _factor(px, pitch_um / pitch_px) >= CONTRADICTION_FACTOR:  # type: ignore[operator]
+        problems.append(f"their diameter ({diam_px:.4g} px for {diam_um:g} µm, {diam_from}) gives {px:.4g} µm/px but "
+                        f"their spacing ({pitch_px:.4g} px for a {pitch_um:g} µm pitch, {pitch_from}) gives "
+                        f"{pitch_um / pitch_px:.4g} µm/px")  # type: ignore[operator]
+    if problems:
+        warnings.warn(
+            f"{sample}: spots `{skey}` do not fit image `{ikey}` at {px:.4g} µm/px (pixel size from {source}): "
+            + "; ".join(problems) + ". Either the shapes are in another coordinate system than the image (check "
+            f"the transformations of `{skey}` and `{ikey}` to {cs!r}, e.g. full-resolution spots on a downscaled "
+            "image), the pixel size is wrong, or the radius column holds diameters. Pass `pixel_size`, "
+            "`spot_diameter` or `pitch` (µm) if the defaults do not fit these spots.",
+            HyperSTWarning, stacklevel=3,
+        )
+
+
 # ---------------------------------------------------------------------------------------------- public
 def resolve_spots(
     sdata: SpatialData,
@@ -280,12 +371,13 @@ def resolve_spots(
 
     # -- spots elements
     spot_elements = {**dict(sdata.shapes.items()), **dict(sdata.points.items())}
+    regions: list[str] = []
+    if table is not None and table.uns.get("spatialdata_attrs"):
+        region, _, _ = get_table_keys(table)
+        regions = [str(region)] if isinstance(region, str) else [str(r) for r in region]
     if shapes_key is None:
-        annotated: list[str] = []
-        if table is not None and table.uns.get("spatialdata_attrs"):
-            region, _, _ = get_table_keys(table)
-            annotated = [region] if isinstance(region, str) else list(region)
-            annotated = [r for r in annotated if r in spot_elements]
+        annotated = [r for r in regions if r in spot_elements]
+        _check_regions(sdata, table_key, regions, annotated)
         if annotated:
             shapes_keys = annotated
         elif len(sdata.shapes) == 1:
@@ -394,7 +486,10 @@ def resolve_spots(
                     if len(values) == 1:
                         sample = str(values[0])
             elif table_key is not None:
-                logger.warning(f"Table `{table_key}` has no rows for spots `{skey}`; using the shapes alone.")
+                logger.warning(
+                    f"Table `{table_key}` has no rows for spots `{skey}` (it annotates {regions}); using the shapes "
+                    "alone, without the table's measurements."
+                )
 
         height, width = image_shape(image)
         outside = (centers[:, 0] < 0) | (centers[:, 0] >= width) | (centers[:, 1] < 0) | (centers[:, 1] >= height)
@@ -407,18 +502,32 @@ def resolve_spots(
 
         # -- physical size
         meta = _metadata(table, sample) or _metadata(table, skey)
+        grid = _grid_record(element, ikey)
         grid_pitch_px, layout = _grid_geometry(centers)
         layout = meta.get("layout", layout)
         defaults = LAYOUTS.get(layout, {})
-        diam_um = spot_diameter or meta.get("spot_diameter") or defaults.get("spot_diameter")
-        pitch_um = pitch or meta.get("pitch") or defaults.get("pitch")
+        diam_um, diam_from = _first(("`spot_diameter`", spot_diameter), ("the metadata", meta.get("spot_diameter")),
+                                    ("the grid record", grid.get("spot_diameter")),
+                                    (f"the {layout} default", defaults.get("spot_diameter")))
+        pitch_um, pitch_from = _first(("`pitch`", pitch), ("the metadata", meta.get("pitch")),
+                                      ("the grid record", grid.get("pitch")),
+                                      (f"the {layout} default", defaults.get("pitch")))
         median_diam_px = None if diam_px is None else float(np.median(diam_px))
+        # the reader's pixel size refers to one image (the sample's main one unless it says otherwise)
+        meta_px = float(meta["pixel_size"]) if meta.get("pixel_size") and meta.get(
+            "image_key", f"{sample}_image") == ikey else None
         if pixel_size is not None:
             px, source = float(pixel_size), "argument"
-        elif meta.get("pixel_size") and meta.get("image_key", f"{sample}_image") == ikey:
-            # the reader's pixel size refers to one image (the sample's main one unless it says otherwise)
-            px, source = float(meta["pixel_size"]), "metadata"
+        elif meta_px is not None:
+            px, source = meta_px, "metadata"
         elif diam_um and median_diam_px:
+            if median_diam_px > max(height, width):
+                raise ValueError(
+                    f"Spots `{skey}` have a median diameter of {median_diam_px:.4g} px, more than image `{ikey}` "
+                    f"({width}×{height} px): as a {float(diam_um):g} µm spot ({diam_from}) that would make the pixel "
+                    f"size {float(diam_um) / median_diam_px:.3g} µm. The radius column is not in pixels of this image "
+                    f"(check the shapes' radius and their transformation to {cs!r}); pass `pixel_size` (µm per pixel)."
+                )
             px, source = float(diam_um) / median_diam_px, "spot_diameter"
         elif pitch_um and grid_pitch_px:
             px, source = float(pitch_um) / grid_pitch_px, "pitch"
@@ -434,6 +543,21 @@ def resolve_spots(
             raise ValueError(f"Cannot determine the spot diameter of `{skey}`: pass `spot_diameter` (µm).")
         if pitch_um is None and grid_pitch_px is not None and layout != "generic":
             pitch_um = grid_pitch_px * px
+        known_px = meta_px if meta_px is not None else grid.get("pixel_size")
+        if source == "argument" and known_px and _factor(px, known_px) >= CONTRADICTION_FACTOR:
+            where = "the metadata" if meta_px is not None else f"the grid record of `{skey}`"
+            warnings.warn(
+                f"{sample}: pixel_size={px:.4g} µm/px contradicts {where} of image `{ikey}` ({float(known_px):.4g} "
+                f"µm/px, a factor {_factor(px, known_px):.2f}); using pixel_size={px:.4g}. Check it: it is µm per "
+                f"level-0 pixel of `{ikey}` (pass pixel_size=None to use the metadata).",
+                HyperSTWarning, stacklevel=2,
+            )
+        else:
+            _check_physical_size(
+                sample, skey, ikey, cs, px=px, source=source, layout=layout, diam_px=median_diam_px,
+                diam_um=diam_um, diam_from=diam_from, pitch_px=grid_pitch_px, pitch_um=pitch_um,
+                pitch_from=pitch_from,
+            )
         out.append(
             SampleSpots(
                 sample=sample,
