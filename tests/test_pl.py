@@ -418,13 +418,16 @@ def _interval_table(n_side: int = 9, n_genes: int = 6, seed: int = 0, alpha: flo
     a.layers[Key.LAYER_LOWER] = lower.astype(np.float32)
     a.layers[Key.LAYER_UPPER] = upper.astype(np.float32)
     a.layers[Key.LAYER_STD] = std.astype(np.float32)
-    a.obs[Key.OBS_UNCERTAINTY] = (upper - lower).mean(1)
+    a.obs[Key.OBS_UNCERTAINTY] = std.mean(1)  # as hst.tl.predict: the mean predictive std over genes
     a.obs[Key.OBS_OOD_SCORE] = score
     a.obs[Key.OBS_OOD] = score > threshold
-    domain = {
-        "flagged": False,
-        "ood_fraction": float((score > threshold).mean()),
+    frac = float((score > threshold).mean())
+    domain = {  # the layout of hst.tl.predict's record
         "threshold": threshold,
+        "ood_rate": 0.05,
+        "ood_fraction": frac,
+        "flagged": False,
+        "slides": {"s0": {"n_spots": n, "ood_fraction": frac, "flags": []}},
         "messages": [],
     }
     a.uns[Key.UNS] = {Key.UNS_PREDICT: {"alpha": alpha, Key.UNS_DOMAIN: domain}}
@@ -575,7 +578,7 @@ def test_reliability_numbers(tmp_path) -> None:
     assert lines == {f"mean {100 * cov.mean():.0f} %": pytest.approx(cov.mean()), "nominal 90 %": pytest.approx(0.9)}
 
 
-def test_reliability_without_truth_score_and_flagged_slide() -> None:
+def test_reliability_without_truth_score_and_flagged_slide(tmp_path) -> None:
     a = _interval_table(n_genes=3)
     # prediction in .X, no truth: the two maps only
     only = ad.AnnData(a.layers[Key.LAYER_PRED], obs=a.obs, var=a.var, obsm=dict(a.obsm), uns=a.uns)
@@ -593,11 +596,26 @@ def test_reliability_without_truth_score_and_flagged_slide() -> None:
     # a slide flagged by hst.tl.predict: red title and the messages in the figure title
     flagged = a.copy()
     dom = flagged.uns[Key.UNS][Key.UNS_PREDICT][Key.UNS_DOMAIN]
-    dom.update(flagged=True, messages=["pixel size 3.2 µm/px, training 0.5 µm/px", "stain far from training"])
+    dom.update(flagged=True, messages=["s0: scanned at 3.20 µm/px, coarser", "s0: stain colour far from training"])
+    dom["slides"]["s0"]["flags"] = ["pixel_size", "colour"]
     fig = reliability(flagged, show=False)
     assert fig.axes[1].get_title().endswith("\nslide flagged")
-    assert "pixel size 3.2 µm/px" in fig.get_suptitle()
-    assert "stain far" in fig.get_suptitle()
+    assert fig.get_suptitle().split("\n") == ["s0: reliability", *dom["messages"]]
+    # several slides: the drawn slide's own flags and messages
+    other = a.copy()
+    other.obs_names = [f"s1_{i}" for i in range(a.n_obs)]
+    other.obs[Key.OBS_SAMPLE] = "s1"
+    both = ad.concat([flagged, other], uns_merge="first")
+    both.uns[Key.UNS][Key.UNS_PREDICT][Key.UNS_DOMAIN]["slides"]["s1"] = {"flags": []}
+    fig = reliability(both, sample="s1", show=False)
+    assert "slide flagged" not in fig.axes[1].get_title()
+    assert fig.get_suptitle() == "s1: reliability"
+    fig = reliability(both, sample="s0", show=False)
+    assert fig.get_suptitle().split("\n")[1:] == dom["messages"]
+    # read back from h5ad (messages become an array, flags numpy booleans)
+    flagged.write_h5ad(tmp_path / "flagged.h5ad")
+    fig = reliability(ad.read_h5ad(tmp_path / "flagged.h5ad"), show=False)
+    assert fig.get_suptitle().split("\n") == ["s0: reliability", *dom["messages"]]
     missing = a.copy()
     del missing.obs[Key.OBS_UNCERTAINTY]
     with pytest.raises(ValueError, match=r"per-spot uncertainty.*ensemble"):

@@ -98,7 +98,7 @@ def spatial(
     ncols
         Number of genes (panel pairs) per row of the figure.
     panel_size
-        Size of one panel in inches.
+        Width of one panel in inches (the height follows the spots' extent).
     {figure_params}
 
     Returns
@@ -136,7 +136,10 @@ def spatial(
     n_per_gene = 2 if obs is not None else 1
     ncols = min(ncols, len(genes))
     nrows = -(-len(genes) // ncols)
-    fig = plt.figure(figsize=(panel_size * n_per_gene * ncols + 0.9 * ncols, panel_size * nrows), layout="constrained")
+    fig = plt.figure(
+        figsize=(panel_size * n_per_gene * ncols + 0.9 * ncols, frame.panel_height(panel_size) * nrows + 0.3),
+        layout="constrained",
+    )
     axs = fig.subplots(nrows, ncols * n_per_gene, squeeze=False)
     for g, gene in enumerate(genes):
         row, col = divmod(g, ncols)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -42,8 +43,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["intervals", "reliability"]
 
 NO_INTERVALS = (
-    "run `hst.tl.predict` with a model trained as an ensemble (`hst.tl.fit` with more than one member), which "
-    "writes calibrated prediction intervals"
+    "run `hst.tl.predict` with a model trained as a calibrated ensemble (`hst.tl.fit` does so by default with "
+    "validation slides held out, see `n_members`; a model trained with `validation=None` has no intervals)"
 )
 
 
@@ -109,26 +110,45 @@ def _ood_flags(adata_pred: AnnData) -> np.ndarray | None:
     return col.to_numpy(dtype=bool)
 
 
-def _domain(adata_pred: AnnData, sample: str | None) -> Mapping[str, Any]:
-    """The slide-level domain checks of ``sample`` in ``.uns["hyperst"]["predict"]["domain"]`` (``{}``: none).
+@dataclass(frozen=True)
+class SlideChecks:
+    """What :func:`hyperst.tl.predict` recorded of one slide's domain checks."""
 
-    The record is one slide's checks (with ``"flagged"``/``"threshold"``), or such records by sample name.
+    #: OOD score above which a spot is flagged (``None``: not recorded).
+    threshold: float | None
+    #: Whether the slide is flagged (too many flagged spots, a coarser scan, a stain far from training).
+    flagged: bool
+    #: One line per flag of the slide.
+    messages: list[str]
+
+
+def _strings(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [str(m) for m in np.asarray(value, dtype=object).ravel()]
+
+
+def _slide_checks(adata_pred: AnnData, sample: str | None) -> SlideChecks:
+    """The domain checks of ``sample`` from ``.uns["hyperst"]["predict"]["domain"]``.
+
+    The record holds ``threshold``, ``flagged`` (any slide), ``messages`` (each starting with ``"<slide>:"``)
+    and, per slide, ``slides[<slide>]["flags"]``; for a table of several slides, the drawn slide's flags and
+    messages are used.
     """
     rec = predict_record(adata_pred).get(Key.UNS_DOMAIN)
     if not isinstance(rec, Mapping):
-        return {}
-    if {"flagged", "threshold", "ood_fraction"} & set(rec):
-        return rec
-    if sample is not None and isinstance(rec.get(sample), Mapping):
-        return rec[sample]
-    return {}
-
-
-def _messages(domain: Mapping[str, Any]) -> list[str]:
-    msgs = domain.get("messages", [])
-    if isinstance(msgs, str):
-        return [msgs]
-    return [str(m) for m in np.asarray(msgs, dtype=object).ravel()]
+        return SlideChecks(None, False, [])
+    threshold = rec.get("threshold")
+    threshold = None if threshold is None else float(np.asarray(threshold).ravel()[0])
+    messages = _strings(rec.get("messages"))
+    flagged = bool(rec.get("flagged", False))
+    slides = rec.get("slides")
+    if sample is not None and isinstance(slides, Mapping) and isinstance(slides.get(sample), Mapping):
+        flagged = len(_strings(slides[sample].get("flags"))) > 0
+        messages = [m for m in messages if m.startswith(f"{sample}:")] or (messages if flagged else [])
+    return SlideChecks(threshold, flagged, messages)
 
 
 def _outline(axs: Sequence[Axes], frame: SpotFrame, flags: np.ndarray | None) -> None:
@@ -217,7 +237,7 @@ def intervals(
     ncols
         Number of genes (rows of panels) side by side.
     panel_size
-        Size of one panel in inches.
+        Width of one panel in inches (the height of the maps follows the spots' extent).
     {figure_params}
 
     Returns
@@ -261,7 +281,7 @@ def intervals(
     ncols = min(ncols, len(genes))
     nrows = -(-len(genes) // ncols)
     width = panel_size * n_per_gene * ncols + 0.9 * ncols
-    fig = plt.figure(figsize=(width, panel_size * nrows + 0.8), layout="constrained")
+    fig = plt.figure(figsize=(width, frame.panel_height(panel_size) * nrows + 0.8), layout="constrained")
     axs = fig.subplots(nrows, ncols * n_per_gene, squeeze=False)
     for g, gene in enumerate(genes):
         row, col = divmod(g, ncols)
@@ -300,6 +320,20 @@ def _coverage_bins(coverage: np.ndarray, nominal: float | None, bins: int) -> np
     return np.linspace(low, 1.0, bins + 1)
 
 
+def _score_norm(score: np.ndarray, threshold: float | None) -> Normalize:
+    """Colour scale of the OOD scores.
+
+    Up to their 98th percentile (a few extreme spots would flatten the map), and past the threshold when there
+    is one, so that it shows on the colour bar.
+    """
+    vmin = float(score.min())
+    vmax = float(np.quantile(score, 0.98))
+    if threshold is not None:
+        vmin = min(vmin, threshold)
+        vmax = max(vmax, threshold + 0.05 * (threshold - vmin))
+    return Normalize(vmin=vmin, vmax=vmax if vmax > vmin else vmin + 1e-9)
+
+
 def _colorbar_threshold(cbar: Any, threshold: float, norm: Normalize) -> None:
     if norm.vmin <= threshold <= norm.vmax:
         cbar.ax.axhline(threshold, color=FLAG_COLOR, lw=2)
@@ -318,7 +352,7 @@ def reliability(
     truth_transform: Literal["log2p1", "none"] = "log2p1",
     sample: str | None = None,
     sample_key: str = Key.OBS_SAMPLE,
-    cmap: str = "cividis",
+    cmap: str = "viridis",
     bins: int = 20,
     panel_size: float = 3.2,
     show: bool | None = None,
@@ -329,8 +363,8 @@ def reliability(
 
     Panels, left to right:
 
-    1. **uncertainty**: ``.obs["hyperst_uncertainty"]`` (the mean width of the prediction intervals over
-       genes) per spot on the H&E;
+    1. **uncertainty**: ``.obs["hyperst_uncertainty"]`` (the per-spot uncertainty :func:`hyperst.tl.predict`
+       writes with the intervals) on the H&E;
     2. **out of distribution**: ``.obs["hyperst_ood_score"]`` per spot, the flagged spots
        (``.obs["hyperst_ood"]``) ringed and the flag threshold marked on the colour bar (drawn when the
        table has the score); the title says whether :func:`hyperst.tl.predict` flagged the whole slide;
@@ -370,7 +404,7 @@ def reliability(
     bins
         Number of histogram bins of the coverage panel.
     panel_size
-        Size of one panel in inches.
+        Width of one panel in inches (the height of the maps follows the spots' extent).
     {figure_params}
 
     Returns
@@ -412,12 +446,13 @@ def reliability(
     flags = flags[m] if flags is not None else None
     alpha = _alpha(adata_pred)
     nominal = None if alpha is None else 1 - alpha
-    domain = _domain(adata_pred, frame.sample)
+    checks = _slide_checks(adata_pred, frame.sample)
     if not has_score:
         logger.info(f"`adata_pred` has no `.obs[{Key.OBS_OOD_SCORE!r}]`: the out-of-distribution panel is left out.")
 
     n_panels = 1 + has_score + (2 if obs is not None else 0)
-    fig = plt.figure(figsize=(panel_size * n_panels + 0.7 * (1 + has_score), panel_size + 0.9), layout="constrained")
+    height = max(frame.panel_height(panel_size), 0.75 * panel_size + 0.45)  # room for the scatter's labels
+    fig = plt.figure(figsize=(panel_size * n_panels + 0.7 * (1 + has_score), height + 0.9), layout="constrained")
     axs = list(fig.subplots(1, n_panels, squeeze=False)[0])
     panels = iter(axs)
 
@@ -425,24 +460,26 @@ def reliability(
     norm = shared_norm([uncertainty])
     mappable = draw_map(ax, frame, uncertainty, norm=norm, cmap=cmap, title="uncertainty")
     _outline([ax], frame, flags)
-    fig.colorbar(mappable, ax=ax, shrink=0.8, label=f"mean {_percent(alpha)}interval width")
+    fig.colorbar(mappable, ax=ax, shrink=0.8, label=f"uncertainty, {VALUE_LABEL}")
 
     if score is not None:
         ax = next(panels)
         score = score[m]
-        threshold = domain.get("threshold")
-        norm = shared_norm([score] if threshold is None else [score, np.array([float(threshold)])])
+        threshold = checks.threshold
+        norm = _score_norm(score, threshold)
         n_flag = int(flags.sum()) if flags is not None else 0
         title = "out of distribution" + (f" ({n_flag} / {frame.n_spots})" if flags is not None else "")
-        if domain.get("flagged"):
+        if checks.flagged:
             title += "\nslide flagged"
         mappable = draw_map(ax, frame, score, norm=norm, cmap=cmap, title=title)
-        if domain.get("flagged"):
+        if checks.flagged:
             ax.title.set_color(FLAG_COLOR)
         _outline([ax], frame, flags)
-        cbar = fig.colorbar(mappable, ax=ax, shrink=0.8, label="OOD score")
+        cbar = fig.colorbar(
+            mappable, ax=ax, shrink=0.8, label="OOD score", extend="max" if score.max() > norm.vmax else "neither"
+        )
         if threshold is not None:
-            _colorbar_threshold(cbar, float(threshold), norm)
+            _colorbar_threshold(cbar, threshold, norm)
 
     if obs is not None:
         pred, obs = pred[m], obs[m]
@@ -461,7 +498,7 @@ def reliability(
             edgecolors=np.where(ring[:, None], to_rgba(FLAG_COLOR), (0, 0, 0, 0)),
             linewidths=np.where(ring, 1.2, 0.0),
         )
-        ax.set_xlabel("uncertainty (mean interval width)")
+        ax.set_xlabel(f"uncertainty (`.obs['{Key.OBS_UNCERTAINTY}']`)")
         ax.set_ylabel(f"mean absolute error, {VALUE_LABEL}")
         ax.set_title(f"error vs uncertainty (ρ = {rho:.2f})")
         ax.grid(alpha=0.3)
@@ -480,10 +517,9 @@ def reliability(
         ax.legend(frameon=False, fontsize="small", loc="upper left")
 
     head = "reliability" if frame.sample is None else f"{frame.sample}: reliability"
-    msgs = _messages(domain) if domain.get("flagged") else []
-    if msgs:
-        width = int(14 * fig.get_figwidth())
-        head += "\n" + textwrap.fill("; ".join(msgs), width=width)
+    if checks.flagged and checks.messages:
+        width = int(10 * fig.get_figwidth())  # characters per line of the title
+        head += "\n" + "\n".join(textwrap.fill(m, width=width) for m in checks.messages)
     fig.suptitle(head)
     _flag_legend(fig, flags)
     return finish(fig, fig, show=show, save=save, ax_given=False, dpi=dpi)

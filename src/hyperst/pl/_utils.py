@@ -304,6 +304,15 @@ class SpotFrame:
         """Number of spots drawn."""
         return len(self.xy)
 
+    def panel_height(self, width: float, *, title: float = 0.45) -> float:
+        """Height in inches of a map ``width`` inches wide, plus ``title`` inches for its title.
+
+        The map's aspect is that of the spots' extent, clipped to 0.5–2.
+        """
+        span = np.ptp(self.xy, axis=0) + 2 * self.diameter
+        aspect = float(np.clip(span[1] / span[0], 0.5, 2.0)) if span[0] > 0 else 1.0
+        return width * aspect + title
+
 
 def spot_frame(
     adata_pred: AnnData,
