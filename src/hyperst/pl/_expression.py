@@ -150,7 +150,9 @@ def spatial(
         mappable = None
         for ax, values, title in zip(pair, panels, titles, strict=False):
             mappable = draw_map(ax, frame, values, norm=norm, cmap=cmap, title=title)
-        fig.colorbar(mappable, ax=pair, shrink=0.8, label=VALUE_LABEL)
+        fig.colorbar(  # fraction and pad as for one panel (they are fractions of the whole pair)
+            mappable, ax=pair, shrink=0.8, fraction=0.15 / len(pair), pad=0.05 / len(pair), label=VALUE_LABEL
+        )
     for k in range(len(genes), nrows * ncols):  # unused panels of the last row
         row, col = divmod(k, ncols)
         for j in range(n_per_gene):

@@ -281,7 +281,8 @@ def intervals(
     ncols = min(ncols, len(genes))
     nrows = -(-len(genes) // ncols)
     width = panel_size * n_per_gene * ncols + 0.9 * ncols
-    fig = plt.figure(figsize=(width, frame.panel_height(panel_size) * nrows + 0.8), layout="constrained")
+    extra = 0.45 + (0.35 if flags is not None and flags.any() else 0.0)  # the title, the legend of the rings
+    fig = plt.figure(figsize=(width, frame.panel_height(panel_size) * nrows + extra), layout="constrained")
     axs = fig.subplots(nrows, ncols * n_per_gene, squeeze=False)
     for g, gene in enumerate(genes):
         row, col = divmod(g, ncols)
@@ -301,7 +302,9 @@ def intervals(
         for ax, values, title in zip(group, panels, titles, strict=True):
             mappable = draw_map(ax, frame, values, norm=norm, cmap=cmap, title=title)
         _outline(group, frame, flags)
-        fig.colorbar(mappable, ax=group, shrink=0.8, label=VALUE_LABEL)
+        fig.colorbar(  # fraction and pad as for one panel (they are fractions of the whole group)
+            mappable, ax=group, shrink=0.8, fraction=0.15 / len(group), pad=0.05 / len(group), label=VALUE_LABEL
+        )
     for k in range(len(genes), nrows * ncols):  # unused panels of the last row
         row, col = divmod(k, ncols)
         for j in range(n_per_gene):
