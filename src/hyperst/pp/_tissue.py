@@ -31,8 +31,7 @@ __all__ = ["TissueThreshold", "grid_spots", "tissue_fraction", "tissue_mask", "t
 _MAX_MASK_SIDE = 2048
 #: ... and its pixels are at least this many µm (tissue detection needs no more detail)
 _MIN_MASK_PIXEL_SIZE = 4.0
-#: a mask is never coarser than this many pixels along the image's longer side (a far too small pixel size
-#: must not make the reader pad the image to a block of millions of pixels)
+#: a mask has at least this many pixels along the longer side (a far too small pixel size must not pad the image)
 _MIN_MASK_SIDE = 8
 #: Otsu thresholds above this saturation are capped (an image that is all tissue must not be split in two)
 _MAX_SATURATION_THRESHOLD = 0.25
@@ -40,8 +39,7 @@ _MAX_SATURATION_THRESHOLD = 0.25
 MIN_SATURATION = 0.05
 #: pixels whose value (brightest channel, 0–1) is at most this are not tissue (black padding, borders)
 MIN_VALUE = 0.1
-#: an image is grey when 99 % of its pixels have channels within this spread (0–1): one channel replicated, or
-#: RGB saved from a grey scan (JPEG leaves ±1–2 levels)
+#: an image is grey when 99 % of its pixels have channels within this spread (JPEG leaves ±1–2 levels)
 _GREY_SPREAD = 2.5 / 255
 #: on grey images the tissue score is the darkness ``1 - intensity``; Otsu thresholds above this are capped
 _MAX_DARKNESS_THRESHOLD = 0.4
@@ -130,14 +128,7 @@ class TissueThreshold(float):
     """The tissue threshold of one slide: a ``float``, and whether the slide is grey.
 
     On an RGB slide the threshold is a saturation; on a grey slide (one channel, or three equal ones) it is a
-    darkness ``1 - intensity``. :func:`tissue_fraction` reads :attr:`grey` to apply the matching rule.
-
-    Parameters
-    ----------
-    value
-        The threshold.
-    grey
-        Whether it is a darkness threshold of a grey slide.
+    darkness ``1 - intensity`` and ``grey`` is true. :func:`tissue_fraction` follows ``grey``.
     """
 
     grey: bool
