@@ -1,8 +1,10 @@
-"""The main job: `hyperst demo` end to end on synthetic data writes a report that beats the mean predictor."""
+"""The command line: `hyperst demo` end to end, `benchmark`, and one clear line (exit 2) for every user error."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import matplotlib.image as mpimg
 import pytest
@@ -27,7 +29,7 @@ def test_demo_writes_report(tmp_path) -> None:
     assert (out / "per_gene.csv").read_text().startswith("scope,gene,pearson_r")
 
 
-def test_benchmark_command(tmp_path, make_feature_slide) -> None:
+def test_benchmark_command(tmp_path, make_feature_slide, capsys) -> None:
     import anndata as ad
     import numpy as np
 
@@ -48,7 +50,151 @@ def test_benchmark_command(tmp_path, make_feature_slide) -> None:
     assert res.meta["jobs"][0]["n_genes"] == 5
     assert "| `mean` | -" in (out / "report.md").read_text()  # mean predictor: negative PCC difference vs ridge
     assert mpimg.imread(out / "scores.png").std() > 0.05
-    with pytest.raises(FileExistsError):
-        cli.main(args)
-    with pytest.raises(SystemExit, match="mean:250"):
-        cli.main([*args[:-4], "--gene-sets", "top5", "--overwrite"])
+    capsys.readouterr()
+    assert cli.main(args) == 2  # the result exists: refused before any work, in one line
+    expected = f"hyperst: error: --out {str(out)!r} already holds a result; pass --overwrite to replace it or choose"
+    assert capsys.readouterr().err == expected + " another path.\n"
+    assert cli.main([*args[:-4], "--gene-sets", "top5", "--overwrite"]) == 2
+    assert capsys.readouterr().err.startswith("hyperst: error: --gene-sets entries look like mean:250")
+
+
+# ----------------------------------------------------------------------------------------------- user errors
+@dataclass(frozen=True)
+class CliCase:
+    """``hyperst <argv>`` (``{d}``: the folder of prepared inputs) exits with status 2 and prints ``start``.
+
+    ``usage``: an argparse usage error (its own ``hyperst COMMAND: error: ...`` line after the usage text).
+    The rows of the "Command line" table of docs/reliability.md are these cases (tests/test_reliability.py).
+    """
+
+    id: str
+    argv: tuple[str, ...]
+    start: str
+    usage: bool = False
+
+
+def _c(id: str, argv: str, start: str, *, usage: bool = False) -> CliCase:
+    return CliCase(id, tuple(argv.split()), start, usage)
+
+
+CLI_CASES: list[CliCase] = [
+    _c("cli-missing-h5ad", "fit {d}/missing.h5ad --out {d}/m",
+       "hyperst: error: data '{d}/missing.h5ad' does not exist (expected an .h5ad table or a .zarr SpatialData "
+       "store)."),
+    _c("cli-missing-zarr", "fit {d}/missing.zarr --out {d}/m",
+       "hyperst: error: data '{d}/missing.zarr' does not exist"),
+    _c("cli-corrupt-h5ad", "fit {d}/bad.h5ad --out {d}/m",
+       "hyperst: error: data '{d}/bad.h5ad' is not a readable .h5ad file"),
+    _c("cli-not-a-zarr-store", "fit {d}/empty.zarr --out {d}/m",
+       "hyperst: error: data '{d}/empty.zarr' is not a readable SpatialData .zarr store"),
+    _c("cli-csv-as-data", "fit {d}/data.csv --out {d}/m",
+       "hyperst: error: data '{d}/data.csv' is a file but not an .h5ad table"),
+    _c("cli-invalid-inline-config", "fit {d}/t.h5ad --out {d}/m --config {emb_dim: 3}",
+       "hyperst: error: --config: the inline value is not valid JSON (Expecting property name enclosed in double "
+       "quotes at line 1, column 2)."),
+    _c("cli-invalid-config-file", "fit {d}/t.h5ad --out {d}/m --config {d}/bad.json",
+       "hyperst: error: --config: file '{d}/bad.json' is not valid JSON (Expecting ',' delimiter at line 2, "
+       "column 1)."),
+    _c("cli-config-not-an-object", "fit {d}/t.h5ad --out {d}/m --config [1, 2]",
+       "hyperst: error: --config must be a JSON object such as {\"emb_dim\": 512}, got list."),
+    _c("cli-config-neither-json-nor-file", "fit {d}/t.h5ad --out {d}/m --config emb_dim=3",
+       "hyperst: error: --config 'emb_dim=3' is neither inline JSON"),
+    _c("cli-out-folder-missing", "fit {d}/t.h5ad --out {d}/no/such/m",
+       "hyperst: error: --out '{d}/no/such/m': the folder '{d}/no/such' does not exist."),
+    _c("cli-out-holds-a-model", "fit {d}/t.h5ad --out {d}/taken",
+       "hyperst: error: --out '{d}/taken' already holds a result; pass --overwrite"),
+    _c("cli-batch-size-zero", "fit {d}/t.h5ad --out {d}/m --batch-size 0", "hyperst: error: `batch_size` must be"),
+    _c("cli-negative-lr", "fit {d}/t.h5ad --out {d}/m --lr -1", "hyperst: error: `lr` must be a positive number"),
+    _c("cli-devices-two", "fit {d}/t.h5ad --out {d}/m --devices two",
+       "hyperst fit: error: argument --devices: 'two' is not 'auto', a device count", usage=True),
+    _c("cli-epochs-not-a-number", "fit {d}/t.h5ad --out {d}/m --epochs ten",
+       "hyperst fit: error: argument --epochs: invalid int value: 'ten'", usage=True),
+    _c("cli-missing-model", "predict {d}/t.h5ad --model {d}/nope --out {d}/p.h5ad",
+       "hyperst: error: --model '{d}/nope' does not exist; pass the folder `hyperst fit --out` wrote."),
+    _c("cli-model-is-a-file", "predict {d}/t.h5ad --model {d}/t.h5ad --out {d}/p.h5ad",
+       "hyperst: error: --model '{d}/t.h5ad' is a file"),
+    _c("cli-model-without-hyperst-json", "predict {d}/t.h5ad --model {d}/empty_model --out {d}/p.h5ad",
+       "hyperst: error: --model '{d}/empty_model' is not a hyperst model folder: it has no hyperst.json."),
+    _c("cli-model-invalid-hyperst-json", "predict {d}/t.h5ad --model {d}/broken_model --out {d}/p.h5ad",
+       "hyperst: error: --model '{d}/broken_model': hyperst.json is not valid JSON"),
+    _c("cli-prediction-folder-missing", "predict {d}/t.h5ad --model {d}/taken --out {d}/no/p.h5ad",
+       "hyperst: error: --out '{d}/no/p.h5ad': the folder '{d}/no' does not exist."),
+    _c("cli-evaluate-missing-truth", "evaluate {d}/missing.h5ad {d}/t.h5ad",
+       "hyperst: error: truth '{d}/missing.h5ad' does not exist"),
+    _c("cli-invalid-fit-kwargs", "benchmark {d}/t.h5ad --out {d}/b --fit-kwargs {lr: 1}",
+       "hyperst: error: --fit-kwargs: the inline value is not valid JSON"),
+    _c("cli-bad-gene-sets", "benchmark {d}/t.h5ad --out {d}/b --gene-sets top5",
+       "hyperst: error: --gene-sets entries look like mean:250 or hmhvg:300, got 'top5'."),
+    _c("cli-hest-without-ids", "benchmark --hest {d} --out {d}/b", "hyperst: error: --hest needs --hest-ids"),
+    _c("cli-benchmark-without-data", "benchmark --out {d}/b", "hyperst: error: Give data:"),
+]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, make_feature_slide) -> Path:
+    import anndata as ad
+    import numpy as np
+
+    d = tmp_path_factory.mktemp("cli")
+    genes = [f"G{i}" for i in range(6)]
+    w = np.random.default_rng(0).normal(size=(3, len(genes)))
+    ad.concat([make_feature_slide(f"s{i}", 4, seed=i, w=w, genes=genes, dim=4) for i in range(2)],
+              pairwise=True).write_h5ad(d / "t.h5ad")
+    (d / "bad.h5ad").write_bytes(b"not an hdf5 file")
+    (d / "data.csv").write_text("a,b\n1,2\n")
+    (d / "bad.json").write_text('{"emb_dim": 16\n')
+    (d / "empty.zarr").mkdir()
+    (d / "empty_model").mkdir()
+    (d / "broken_model").mkdir()
+    (d / "broken_model" / "hyperst.json").write_text("{not json")
+    (d / "taken").mkdir()
+    (d / "taken" / "hyperst.json").write_text("{}")
+    return d
+
+
+def _argv(case: CliCase, d: Path) -> list[str]:
+    argv = [a.replace("{d}", str(d)) for a in case.argv]
+    if "--config" in argv or "--fit-kwargs" in argv:  # the JSON value is one argument: rejoin what split apart
+        i = (argv.index("--config") if "--config" in argv else argv.index("--fit-kwargs")) + 1
+        argv = [*argv[:i], " ".join(argv[i:])]
+    return argv
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=[c.id for c in CLI_CASES])
+def test_user_error_is_one_line_and_exit_2(case: CliCase, inputs: Path, capsys) -> None:
+    argv = _argv(case, inputs)
+    start = case.start.replace("{d}", str(inputs))
+    if case.usage:  # argparse's own usage errors are left as they are: usage text, then one error line, exit 2
+        with pytest.raises(SystemExit) as err:
+            cli.main(argv)
+        assert err.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines[0].startswith("usage: hyperst")
+        assert lines[-1].startswith(start), lines[-1]
+        return
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err  # one line, no traceback
+    assert lines[0].startswith(start), lines[0]
+    assert not (inputs / "m").exists()  # nothing was written
+
+
+def test_debug_shows_the_traceback(inputs: Path, capsys) -> None:
+    argv = ["fit", str(inputs / "missing.h5ad"), "--out", str(inputs / "m")]
+    for debug in (["--debug", *argv], [*argv, "--debug"]):  # before or after the command name
+        with pytest.raises(cli.CLIError, match=r"missing\.h5ad' does not exist"):
+            cli.main(debug)
+    with pytest.raises(ValueError, match="`batch_size` must be"):  # a library error keeps its type
+        cli.main(["--debug", "fit", str(inputs / "t.h5ad"), "--out", str(inputs / "m"), "--batch-size", "0"])
+    assert capsys.readouterr().err == ""
+
+
+def test_config_from_a_json_file_reaches_the_network(inputs: Path, tmp_path: Path) -> None:
+    (tmp_path / "c.json").write_text('{"emb_dim": 16}')
+    assert cli._json_object(str(tmp_path / "c.json"), flag="--config") == {"emb_dim": 16}
+    assert cli._json_object('{"emb_dim": 16}', flag="--config") == {"emb_dim": 16}
+    args = cli.build_parser().parse_args(["fit", "x.h5ad", "--out", "m", "--devices", "0,1"])
+    assert args.devices == [0, 1]
+    assert cli.build_parser().parse_args(["fit", "x.h5ad", "--out", "m", "--devices", "2"]).devices == 2
+    assert cli.build_parser().parse_args(["fit", "x.h5ad", "--out", "m"]).devices == "auto"

@@ -1,4 +1,9 @@
-"""The ``hyperst`` command line: ``demo``, ``fit``, ``predict``, ``evaluate`` and ``benchmark``."""
+"""The ``hyperst`` command line: ``demo``, ``fit``, ``predict``, ``evaluate`` and ``benchmark``.
+
+A user error (a missing file, invalid JSON, a bad argument the library refuses) prints one line
+``hyperst: error: <message>`` to stderr and exits with status 2, as argparse does for usage errors; the global
+``--debug`` flag shows the traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,16 @@ from typing import Any
 from hyperst._demo import run_demo, say
 from hyperst._version import __version__
 
-__all__ = ["build_parser", "main", "run_demo"]
+__all__ = ["CLIError", "build_parser", "main", "run_demo"]
+
+#: exit status of a user error (argparse uses it for usage errors too)
+USER_ERROR = 2
+#: errors of user input: printed as one line (tracebacks with --debug); anything else is a bug and keeps its traceback
+_USER_ERRORS = (ValueError, TypeError, OSError)
+
+
+class CLIError(Exception):
+    """A user error found by the command line itself (printed as ``hyperst: error: <message>``, exit status 2)."""
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -22,21 +36,117 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if metrics["beats_mean_predictor"] else 1
 
 
-def _read(path: str) -> Any:
-    if path.endswith(".h5ad"):
-        import anndata as ad
+def _read(path: str, *, what: str = "data") -> Any:
+    """Read an ``.h5ad`` table or a ``.zarr`` SpatialData store, with errors that name ``what`` and the path."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CLIError(f"{what} {path!r} does not exist (expected an .h5ad table or a .zarr SpatialData store).")
+    if p.is_dir():
+        import spatialdata as sd
 
-        return ad.read_h5ad(path)
-    import spatialdata as sd
+        try:
+            return sd.read_zarr(p)
+        except (ValueError, OSError, KeyError) as err:
+            raise CLIError(f"{what} {path!r} is not a readable SpatialData .zarr store ({_one_line(err)}).") from err
+    if p.suffix != ".h5ad":
+        raise CLIError(f"{what} {path!r} is a file but not an .h5ad table; pass an .h5ad file or a .zarr store folder.")
+    import anndata as ad
 
-    return sd.read_zarr(path)
+    try:
+        return ad.read_h5ad(p)
+    except (OSError, ValueError, KeyError) as err:
+        raise CLIError(f"{what} {path!r} is not a readable .h5ad file ({_one_line(err)}).") from err
+
+
+def _json_object(value: str | None, *, flag: str) -> dict[str, Any] | None:
+    """A JSON object given inline (``'{"emb_dim": 512}'``) or as the path of a ``.json`` file."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if path.is_file():
+        text, where = path.read_text(), f"file {value!r}"
+    elif value.lstrip()[:1] in ("{", "[", '"') or value.strip() in ("null", "true", "false"):
+        text, where = value, "the inline value"
+    else:
+        raise CLIError(f"{flag} {value!r} is neither inline JSON (e.g. '{{\"emb_dim\": 512}}') nor an existing "
+                       ".json file.")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CLIError(
+            f"{flag}: {where} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})."
+        ) from err
+    if not isinstance(obj, dict):
+        raise CLIError(f"{flag} must be a JSON object such as {{\"emb_dim\": 512}}, got {type(obj).__name__}.")
+    return obj
+
+
+def _model_folder(path: str) -> Path:
+    """Check that ``path`` is a model folder written by ``hyperst fit`` (before anything heavy is loaded)."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise CLIError(f"--model {path!r} does not exist; pass the folder `hyperst fit --out` wrote.")
+    if not folder.is_dir():
+        raise CLIError(f"--model {path!r} is a file; pass the model folder `hyperst fit --out` wrote.")
+    config = folder / "hyperst.json"
+    if not config.is_file():
+        raise CLIError(f"--model {path!r} is not a hyperst model folder: it has no hyperst.json.")
+    try:
+        json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CLIError(f"--model {path!r}: hyperst.json is not valid JSON ({_one_line(err)}); the folder is damaged, "
+                       "save the model again.") from err
+    return folder
+
+
+def _check_out(path: str, *, overwrite: bool | None = None, marker: str | None = None) -> None:
+    """Refuse ``--out`` before the work: an existing result without ``--overwrite``, a missing parent folder.
+
+    An existing result is the ``marker`` file inside ``path`` (a model folder's hyperst.json), else a non-empty
+    folder; ``overwrite=None`` skips that test.
+    """
+    out = Path(path).expanduser()
+    if overwrite is False and out.exists():
+        taken = (out / marker).exists() if marker else out.is_file() or any(out.iterdir())
+        if taken:
+            raise CLIError(f"--out {path!r} already holds a result; pass --overwrite to replace it or choose "
+                           "another path.")
+    if not out.parent.exists():
+        raise CLIError(f"--out {path!r}: the folder {str(out.parent)!r} does not exist.")
+
+
+def _devices(value: str) -> int | str | list[int]:
+    """``--devices``: ``auto``, a device count (``-1``: all) or a comma-separated list of device ids."""
+    text = value.strip()
+    if text == "auto":
+        return text
+    try:
+        if "," in text:
+            ids = [int(v) for v in text.split(",") if v.strip()]
+            if ids and all(i >= 0 for i in ids):
+                return ids
+        elif int(text) >= 1 or int(text) == -1:
+            return int(text)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(
+        f"{value!r} is not 'auto', a device count (e.g. 2, or -1 for all) or a list of device ids (e.g. 0,1)"
+    )
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    if isinstance(err, KeyError | FileNotFoundError) and not text:
+        text = repr(err)
+    return text or type(err).__name__
 
 
 def _fit(args: argparse.Namespace) -> int:
     import hyperst as hst
 
+    config = _json_object(args.config, flag="--config")
+    _check_out(args.out, overwrite=args.overwrite, marker="hyperst.json")
     data = [_read(p) for p in args.data]
-    config = json.loads(args.config) if args.config else None
     model = hst.tl.fit(
         data, mode=args.mode, preset=args.preset, config=config, backbone=args.backbone, max_epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device, min_tissue=args.min_tissue,
@@ -50,8 +160,10 @@ def _fit(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     import hyperst as hst
 
-    model = hst.tl.HyperST.load(args.model, device=args.device)
+    folder = _model_folder(args.model)
     data = _read(args.data)
+    _check_out(args.out, overwrite=None)
+    model = hst.tl.HyperST.load(folder, device=args.device)
     pred = hst.tl.predict(model, data, pixel_size=args.pixel_size, progress=args.progress)
     pred.write_h5ad(args.out)
     say(f"prediction for {pred.n_obs} spots × {pred.n_vars} genes written to {args.out}")
@@ -61,10 +173,13 @@ def _predict(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import hyperst as hst
 
-    truth = _read(args.truth)
+    truth = _read(args.truth, what="truth")
     if not hasattr(truth, "obs"):
+        if args.table_key not in truth.tables:
+            raise CLIError(f"--table-key {args.table_key!r} is not a table of {args.truth!r}; its tables: "
+                           f"{sorted(truth.tables)}.")
         truth = truth.tables[args.table_key]
-    pred = _read(args.prediction)
+    pred = _read(args.prediction, what="prediction")
     res = hst.tl.evaluate(truth, pred)
     wide = res.wide()
     print(wide.to_string())
@@ -75,30 +190,28 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _benchmark_data(args: argparse.Namespace) -> Any:
     """The inputs of ``hyperst benchmark`` as one AnnData table with image features."""
-    import anndata as ad
-
     import hyperst as hst
 
     cache = Path(args.features_cache) if args.features_cache else None
     if cache is not None and cache.is_file():
         say(f"image features from {cache}")
-        return ad.read_h5ad(cache)
+        return _read(str(cache), what="--features-cache")
     items: list[Any] = [_read(p) for p in args.data]
     if args.her2st:
         items.append(hst.datasets.her2st(args.her2st))
     if args.hest:
         if not args.hest_ids:
-            raise SystemExit("--hest needs --hest-ids (the HEST sample ids to read).")
+            raise CLIError("--hest needs --hest-ids (the HEST sample ids to read).")
         items.append(hst.datasets.hest(args.hest, args.hest_ids))
     if not items:
-        raise SystemExit("Give data: .zarr stores / .h5ad tables, --her2st DIR, or --hest ROOT --hest-ids ID ...")
+        raise CLIError("Give data: .zarr stores / .h5ad tables, --her2st DIR, or --hest ROOT --hest-ids ID ...")
     tables = []
     for item in items:
         if hasattr(item, "tables"):  # SpatialData: features computed here unless its table has them
             hst.pp.image_features(item, backbone=args.backbone, table_key=args.table_key, progress=args.progress)
             keys = list(item.tables)
             if len(keys) != 1 and args.table_key is None:
-                raise SystemExit(f"A SpatialData has tables {keys}: pass --table-key.")
+                raise CLIError(f"A SpatialData has tables {keys}: pass --table-key.")
             item = item.tables[args.table_key or keys[0]]
         tables.append(item)
     from hyperst.tl._utils import combined_table
@@ -119,18 +232,19 @@ def _benchmark(args: argparse.Namespace) -> int:
     from hyperst.tl._benchmark import DEFAULT_FIT_KWARGS
     from hyperst.tl._benchmark_report import compare_markdown
 
-    table = _benchmark_data(args)
+    _check_out(args.out, overwrite=args.overwrite)
+    fit_overrides = _json_object(args.fit_kwargs, flag="--fit-kwargs")
     gene_sets = None
     if args.gene_sets:
         gene_sets = {}
         for spec in args.gene_sets:
             flavor, _, n = spec.partition(":")
             if flavor not in ("mean", "hmhvg", "hvg") or not n.isdigit():
-                raise SystemExit(f"--gene-sets entries look like mean:250 or hmhvg:300, got {spec!r}.")
+                raise CLIError(f"--gene-sets entries look like mean:250 or hmhvg:300, got {spec!r}.")
             gene_sets[f"{flavor}{n}"] = {"flavor": flavor, "n_top": int(n)}
+    table = _benchmark_data(args)
     fit_kwargs = dict(DEFAULT_FIT_KWARGS)
-    if args.fit_kwargs:
-        fit_kwargs.update(json.loads(args.fit_kwargs))
+    fit_kwargs.update(fit_overrides or {})
     res = hst.tl.benchmark(
         table, methods=args.methods, groupby=args.groupby, seeds=args.seeds, gene_sets=gene_sets,
         normalize=args.normalized, fit_kwargs=fit_kwargs, n_jobs=args.n_jobs, threads_per_job=args.threads,
@@ -152,9 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hyperst", description="Predict spatial gene expression from H&E histology (HyperST)."
     )
     parser.add_argument("--version", action="version", version=f"hyperst {__version__}")
+    debug_help = "show the full traceback of an error instead of one line"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    common = argparse.ArgumentParser(add_help=False)  # --debug also after the command name
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="End to end on synthetic data (or Her2ST): fit, predict, evaluate, report.")
+    demo = sub.add_parser("demo", parents=[common],
+                          help="End to end on synthetic data (or Her2ST): fit, predict, evaluate, report.")
     demo.add_argument("--out", default="hyperst-demo", help="report folder (default: hyperst-demo)")
     demo.add_argument("--her2st", default=None, metavar="DIR", help="run on the Her2ST folder instead")
     demo.add_argument("--seed", type=int, default=42)
@@ -163,26 +282,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--progress", action="store_true", help="show progress bars")
     demo.set_defaults(func=_demo)
 
-    fit = sub.add_parser("fit", help="Train on SpatialData zarr stores (or h5ad tables with features).")
+    fit = sub.add_parser("fit", parents=[common],
+                         help="Train on SpatialData zarr stores (or h5ad tables with features).")
     fit.add_argument("data", nargs="+", help="training .zarr stores or .h5ad tables")
     fit.add_argument("--out", required=True, help="model directory")
     fit.add_argument("--mode", choices=["frozen", "lora"], default="frozen")
     fit.add_argument("--preset", default="hyperst")
-    fit.add_argument("--config", default=None, help='JSON overrides, e.g. \'{"emb_dim": 512}\'')
+    fit.add_argument("--config", default=None,
+                     help='network overrides: inline JSON (e.g. \'{"emb_dim": 512}\') or a .json file')
     fit.add_argument("--backbone", default="efficientnet_lite0")
     fit.add_argument("--epochs", type=int, default=200)
     fit.add_argument("--batch-size", type=int, default=128)
     fit.add_argument("--lr", type=float, default=1e-4)
     fit.add_argument("--seed", type=int, default=42)
     fit.add_argument("--device", default="auto")
-    fit.add_argument("--devices", default="auto", help="Lightning devices (e.g. 4)")
+    fit.add_argument("--devices", type=_devices, default="auto",
+                     help="Lightning devices: auto, a count (e.g. 4; -1 for all) or ids (e.g. 0,1)")
     fit.add_argument("--strategy", default="auto", help="Lightning strategy (e.g. ddp)")
     fit.add_argument("--min-tissue", type=float, default=None)
     fit.add_argument("--overwrite", action="store_true")
     fit.add_argument("--progress", action="store_true")
     fit.set_defaults(func=_fit)
 
-    pred = sub.add_parser("predict", help="Predict expression for a SpatialData zarr store from H&E.")
+    pred = sub.add_parser("predict", parents=[common], help="Predict expression for a SpatialData zarr store from H&E.")
     pred.add_argument("data", help=".zarr store (H&E image, with or without spots) or .h5ad with features")
     pred.add_argument("--model", required=True, help="model directory")
     pred.add_argument("--out", required=True, help="output .h5ad")
@@ -191,14 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--progress", action="store_true")
     pred.set_defaults(func=_predict)
 
-    ev = sub.add_parser("evaluate", help="Per-gene Pearson r, PCC@K, MSE, MAE of a prediction.")
+    ev = sub.add_parser("evaluate", parents=[common], help="Per-gene Pearson r, PCC@K, MSE, MAE of a prediction.")
     ev.add_argument("truth", help=".h5ad table or .zarr store with measured counts")
     ev.add_argument("prediction", help=".h5ad written by `hyperst predict`")
     ev.add_argument("--table-key", default="table")
     ev.add_argument("--out", default=None, help="CSV of the tidy summary")
     ev.set_defaults(func=_evaluate)
 
-    bench = sub.add_parser("benchmark", help="HyperST vs ablations and baselines, cross-validated over groups.")
+    bench = sub.add_parser("benchmark", parents=[common],
+                           help="HyperST vs ablations and baselines, cross-validated over groups.")
     bench.add_argument("data", nargs="*", help=".zarr stores or .h5ad tables (with image features or images)")
     bench.add_argument("--her2st", default=None, metavar="DIR", help="add the Her2ST sections in DIR")
     bench.add_argument("--hest", default=None, metavar="ROOT", help="add HEST-1k samples from ROOT")
@@ -210,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--gene-sets", nargs="+", default=None, metavar="FLAVOR:N",
                        help="e.g. mean:250 hmhvg:300 (the default)")
     bench.add_argument("--normalized", action="store_true", help="library-size normalised targets")
-    bench.add_argument("--fit-kwargs", default=None, help='JSON overrides of the HyperST fit, e.g. \'{"lr": 1e-4}\'')
+    bench.add_argument("--fit-kwargs", default=None,
+                       help='overrides of the HyperST fit: inline JSON (e.g. \'{"lr": 1e-4}\') or a .json file')
     bench.add_argument("--reference", default="hyperst", help="method the paired comparison is against")
     bench.add_argument("--metric", default="PCC@50", help="metric of the figure")
     bench.add_argument("--backbone", default="efficientnet_lite0", help="frozen backbone for missing features")
@@ -230,10 +354,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
-        return 2
-    if getattr(args, "devices", None) not in (None, "auto"):
-        args.devices = int(args.devices)
-    return int(args.func(args))
+        return USER_ERROR
+    try:
+        return int(args.func(args))
+    except (CLIError, *_USER_ERRORS) as err:
+        if args.debug:
+            raise
+        print(f"hyperst: error: {_one_line(err)}", file=sys.stderr)
+        return USER_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover
