@@ -61,13 +61,14 @@ def loso(table, seeds: list[int]):
         rows.append({"fold": job["fold"], "seed": job["seed"], "coverage": sc["coverage"], "width": sc["width"],
                      "spearman": sc["spearman_uncertainty_mae"], "ensemble_pcc50": sc["PCC@50"],
                      "member_pcc50_mean": float(np.mean(info["member_pcc50"])),
-                     "member0_pcc50": float(info["member_pcc50"][0]), "ood_fraction": info["ood_fraction"]})
+                     "member0_pcc50": float(info["member_pcc50"][0]), "ood_fraction": info["ood_fraction"],
+                     "spearman_radius": info.get("spearman_radius_mae")})
     df = pd.DataFrame(rows)
     seed_sd = df.groupby("fold").agg(ensemble_sd=("ensemble_pcc50", "std"), single_sd=("member0_pcc50", "std"))
     return df, seed_sd
 
 
-def shift(data: Path, seed: int = 0):
+def shift(data: Path, seed: int = 0, save: Path | None = None):
     import pandas as pd
 
     import hyperst as hst
@@ -92,17 +93,34 @@ def shift(data: Path, seed: int = 0):
         sd = hst.datasets.degrade(c6, seed=seed, **kw) if kw else c6
         t0 = time.perf_counter()
         out = hst.tl.predict(model, sd, key_added="pred", progress=False)
+        if save is not None:  # the variant's features, for studying the domain checks offline
+            sd.tables["table"].write_h5ad(save / f"features_{len(rows)}.h5ad")
+        if sd is c6:
+            del c6.tables["pred"]  # the degraded copies are made from c6: keep it as read
         truth = sd.tables["table"]
         ev = hst.tl.evaluate(truth, out, genes=model.genes)
         dom = out.uns["hyperst"]["predict"]["domain"]
         slide = next(iter(dom["slides"].values()))
         rows.append({"variant": name, "PCC@50": ev["pooled", "PCC@50"], "MSE": ev["pooled", "MSE"],
-                     "coverage": ev["pooled", "coverage"], "ood_fraction": dom["ood_fraction"],
+                     "coverage": ev["pooled", "coverage"], "spearman": ev["pooled", "spearman_uncertainty_mae"],
+                     "spearman_radius": _radius_rho(truth, out, model.genes), "ood_fraction": dom["ood_fraction"],
                      "median_score": slide["median_score"], "colour_z": slide.get("colour_z"),
                      "slide_flags": ",".join(slide["flags"]) or "-", "flagged": dom["flagged"],
                      "seconds": time.perf_counter() - t0})
         print(rows[-1], flush=True)
     return pd.DataFrame(rows), model
+
+
+def _radius_rho(truth, out, genes) -> float:
+    """Spearman ρ between the hyperbolic radius of each spot and its mean absolute error."""
+    from scipy.stats import spearmanr
+
+    from hyperst._constants import Key
+
+    counts = truth[out.obs_names, genes].X
+    y = np.log2(1 + (counts.toarray() if hasattr(counts, "toarray") else np.asarray(counts)))
+    pred = out.layers.get(Key.LAYER_PRED, out.X)
+    return float(spearmanr(out.obs[Key.OBS_RADIUS], np.abs(y - np.asarray(pred)).mean(1))[0])
 
 
 def main() -> None:
@@ -132,7 +150,8 @@ def main() -> None:
                            "ensemble_ge_members": bool((df.ensemble_pcc50 >= df.member_pcc50_mean).all()),
                            "sd_ratio": float((sd.ensemble_sd / sd.single_sd).mean())}
     if args.shift:
-        df, _ = shift(Path(args.data))
+        df, model = shift(Path(args.data), save=out)
+        model.save(out / "model", overwrite=True)
         df.to_csv(out / "shift.csv", index=False)
         print(df.round(3).to_string(index=False))
         summary["shift"] = df.to_dict(orient="records")

@@ -55,7 +55,8 @@ def test_one_row_group_per_fold_and_seed(cv: tuple, table: ad.AnnData) -> None:
     assert set(map(tuple, cv[["fold", "seed"]].drop_duplicates().to_numpy())) == {
         (f"s{i}", s) for i in range(4) for s in (0, 1)
     }
-    metrics = {"PCC@5", "PCC@50", "MSE", "MAE", "n_spots", "seconds"}
+    # the default fit is an ensemble (one member per training slide): its intervals are scored too
+    metrics = {"PCC@5", "PCC@50", "MSE", "MAE", "n_spots", "seconds", "coverage", "width", "spearman_uncertainty_mae"}
     for (fold, _), grp in cv.groupby(["fold", "seed"]):
         # single held-out slide: pooled and that slide (identical numbers), no mean over slides
         assert set(grp["scope"]) == {"pooled", fold}
@@ -68,6 +69,8 @@ def test_one_row_group_per_fold_and_seed(cv: tuple, table: ad.AnnData) -> None:
         assert -1 <= pooled["PCC@5"] <= 1
         assert pooled["MSE"] > 0
         assert pooled["PCC@50"] <= pooled["PCC@5"]  # all 12 genes vs the top 5
+        assert 0.6 <= pooled["coverage"] <= 1
+        assert pooled["width"] > 0
     # different seeds give different models
     a = cv[(cv["seed"] == 0) & (cv["metric"] == "MSE") & (cv["scope"] == "pooled")]["value"].to_numpy()
     b = cv[(cv["seed"] == 1) & (cv["metric"] == "MSE") & (cv["scope"] == "pooled")]["value"].to_numpy()

@@ -133,3 +133,29 @@ def test_image_features_stream_hands_memory_back_every_eight_batches(sdata, monk
     monkeypatch.setattr(features, "release_memory", lambda **kw: None)
     again = hst.pp.image_features(sdata, recompute=True, **opts)
     np.testing.assert_array_equal(again.obsm[Key.OBSM_FEATURES_SPOT], first)  # numbers do not depend on it
+
+
+def test_grey_image_gets_tissue_fractions_through_image_features(sdata) -> None:
+    """A one-channel slide is measured by darkness (not NaN, not 0): close to the RGB slide's fractions."""
+    import copy
+    import warnings
+
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import get_transformation
+
+    rgb = copy.deepcopy(sdata)
+    hst.pp.image_features(rgb, **TINY)
+    grey = copy.deepcopy(sdata)
+    for key, img in list(grey.images.items()):
+        arr = np.asarray(img.values, dtype=np.float32)
+        lum = np.rint(np.tensordot(np.array([0.299, 0.587, 0.114], np.float32), arr, axes=1)).astype(np.uint8)
+        grey.images[key] = Image2DModel.parse(lum[None], dims=("c", "y", "x"),
+                                              transformations=get_transformation(img, get_all=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "grey image: an H&E backbone sees no stain colour"
+        hst.pp.image_features(grey, **TINY)
+    a = rgb.tables["table"].obs[Key.OBS_TISSUE_FRACTION].to_numpy()
+    b = grey.tables["table"].obs[Key.OBS_TISSUE_FRACTION].to_numpy()
+    assert np.isfinite(b).all()
+    assert np.corrcoef(a, b)[0, 1] > 0.9
+    assert abs(a.mean() - b.mean()) < 0.1

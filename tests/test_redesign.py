@@ -129,7 +129,8 @@ def test_lora_fit_is_bit_identical_to_the_pre_redesign_main(fresh, baseline) -> 
 def test_model_life_cycle(slides, one_thread) -> None:
     train = ad.concat(slides[:3], merge="same")
     before = train.copy()
-    model = hst.tl.HyperST.setup(train, genes=GENES, config={"emb_dim": 16}, seed=3)
+    one = hst.tl.DataOptions(n_members=1)
+    model = hst.tl.HyperST.setup(train, genes=GENES, config={"emb_dim": 16}, seed=3, options=one)
     assert not model.is_trained
     # setup writes no embedding; only the niche graph it had to build (documented keys of hst.pp.niches)
     assert set(train.obsm.keys()) - set(before.obsm.keys()) == {Key.OBSM_NICHE_EXPRESSION}
@@ -150,7 +151,7 @@ def test_model_life_cycle(slides, one_thread) -> None:
     wrapped_pred = hst.tl.predict(wrapped, slides[3]).layers[Key.LAYER_PRED]
     np.testing.assert_array_equal(pred.layers[Key.LAYER_PRED], wrapped_pred)
     # keyword overrides of single training options
-    again = hst.tl.HyperST.setup(train, genes=GENES, config={"emb_dim": 16}, seed=3)
+    again = hst.tl.HyperST.setup(train, genes=GENES, config={"emb_dim": 16}, seed=3, options=one)
     again.train(hst.tl.TrainOptions(lr=1e-3, batch_size=32, seed=3, progress=False), max_epochs=12)
     np.testing.assert_array_equal(again.predict(slides[3]).layers[Key.LAYER_PRED], pred.layers[Key.LAYER_PRED])
 

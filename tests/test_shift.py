@@ -354,3 +354,18 @@ def test_her2st_c6_shift_of_issue_11_runs_through_image_features() -> None:
     # are excluded from the Otsu split, which then cuts the tissue itself; median crop tissue fraction
     # 0.72 on clean C6 -> 0.40 here, measured when this test was written)
     assert np.median(result.obs[Key.OBS_TISSUE_FRACTION]) > 0.2
+
+
+def test_degraded_slide_recomputes_its_image_features(sdata) -> None:
+    """Features of the old pixels are not reused: predict/image_features recompute them on the new image."""
+    import copy
+
+    src = copy.deepcopy(sdata)
+    table = src.tables["table"]
+    spots = table.uns.setdefault(Key.UNS, {}).setdefault(Key.UNS_SPOTS, {})
+    sample = str(table.obs[Key.OBS_SAMPLE].iloc[0])
+    spots.setdefault(sample, {"image_key": next(iter(src.images)), "pixel_size": 1.0})
+    table.uns[Key.UNS][Key.UNS_FEATURES] = {"backbone": {"name": "x"}}
+    out = hst.datasets.degrade(src, stain=0.2, seed=0)
+    assert Key.UNS_FEATURES not in out.tables["table"].uns[Key.UNS]
+    assert Key.UNS_FEATURES in src.tables["table"].uns[Key.UNS]  # the input keeps its record

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hyperst._constants import Key
 from hyperst._version import __version__
 
 __all__ = ["REPORTED", "demo_data", "run_demo", "say"]
@@ -111,7 +112,11 @@ def run_demo(
     rows = np.array([order[v] for v in truth.obs["instance_id"].to_numpy()])
     pred_aligned = pred[rows].copy()
     pred_aligned.obs_names = truth.obs_names
-    res = hst.tl.evaluate(truth, pred_aligned.X, genes=model.genes, groups=None)
+    bands = {}
+    if Key.LAYER_LOWER in pred_aligned.layers:
+        bands = {"intervals": (pred_aligned.layers[Key.LAYER_LOWER], pred_aligned.layers[Key.LAYER_UPPER]),
+                 "uncertainty": pred_aligned.obs[Key.OBS_UNCERTAINTY].to_numpy()}
+    res = hst.tl.evaluate(truth, pred_aligned.X, genes=model.genes, groups=None, **bands)
     train_log = np.log2(1 + np.asarray(table[:, model.genes].X.todense() if hasattr(table.X, "todense")
                                        else table[:, model.genes].X))
     mean_pred = np.tile(train_log.mean(0), (truth.n_obs, 1))
@@ -123,6 +128,12 @@ def run_demo(
         "n_genes": len(model.genes),
         "model": {m: res["pooled", m] for m in REPORTED},
         "mean_predictor": {m: res_mean["pooled", m] for m in REPORTED},
+        "trust": {
+            "n_members": model.n_members,
+            **({m: res["pooled", m] for m in ("coverage", "width", "spearman_uncertainty_mae")} if bands else {}),
+            "ood_fraction": float(pred.obs[Key.OBS_OOD].mean()) if Key.OBS_OOD in pred.obs else None,
+            "domain_messages": list(pred.uns[Key.UNS][Key.UNS_PREDICT].get(Key.UNS_DOMAIN, {}).get("messages", [])),
+        },
         "epochs": model.training["epochs"],
         "best_epoch": model.training["best_epoch"],
         "seconds": {k: round(v, 2) for k, v in times.items()},
@@ -143,6 +154,11 @@ def run_demo(
     image = thumbnail(next(iter(he_only.images.values())))
     hst.pl.spatial(pred_plot, best, truth=truth_plot, image=image[0], scale_factor=image[1], show=False,
                    save=out / "spatial.png")
+    if Key.LAYER_LOWER in pred_plot.layers:  # the 90 % intervals and the trust diagnostics
+        hst.pl.intervals(pred_plot, best[0], truth=truth_plot, image=image[0], scale_factor=image[1], show=False,
+                         save=out / "intervals.png")
+        hst.pl.reliability(pred_plot, truth=truth_plot, image=image[0], scale_factor=image[1], show=False,
+                           save=out / "reliability.png")
     hst.pl.scatter(pred_plot, best[0], truth=truth_plot, show=False, save=out / "scatter.png")
     hst.pl.gene_scores(res, show=False, save=out / "gene_scores.png")
     hst.pl.history(model, show=False, save=out / "history.png")

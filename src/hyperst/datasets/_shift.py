@@ -536,11 +536,17 @@ def degrade(
         }
     element = _element(image, rgb, factor, record)
 
-    entries = _pixel_size_entries(sdata, image_key) if factor != 1.0 else []
-    out = _copied(sdata, image_key, element, copy, {t for t, _, _ in entries})
+    entries = _pixel_size_entries(sdata, image_key)
+    # image features of the old pixels must not be reused: without their record they are recomputed
+    stale = {t for t, _, _ in entries if Key.UNS_FEATURES in sdata.tables[t].uns.get(Key.UNS, {})}
+    resized = {t for t, _, _ in entries} if factor != 1.0 else set()
+    out = _copied(sdata, image_key, element, copy, stale | resized)
     for tkey, sample, px in entries:
-        spots_meta = out.tables[tkey].uns[Key.UNS][Key.UNS_SPOTS]  # a copy of the input's (see _copied)
-        spots_meta[sample] = {**dict(spots_meta[sample]), "pixel_size": px * factor}
+        uns = out.tables[tkey].uns[Key.UNS]  # a copy of the input's (see _copied)
+        if factor != 1.0:
+            uns[Key.UNS_SPOTS][sample] = {**dict(uns[Key.UNS_SPOTS][sample]), "pixel_size": px * factor}
+        if tkey in stale:
+            uns.pop(Key.UNS_FEATURES, None)
     logger.info(
         f"degrade `{image_key}`: {' → '.join(record['order']) or 'nothing'}; {w0}×{h0} → {out_shape[1]}×"
         f"{out_shape[0]} px" + (f", {record['pixel_size']:.4g} µm/px" if record["pixel_size"] else "")

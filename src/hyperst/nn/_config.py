@@ -239,6 +239,15 @@ class HyperSTConfig:
         """
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
+        names = {f.name for f in dataclasses.fields(cls)} - {"n_genes", "image_dim"}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            import difflib
+
+            hints = {k: difflib.get_close_matches(k, names, n=1) for k in unknown}
+            hint = "; ".join(f"{k!r}: did you mean {v[0]!r}?" for k, v in hints.items() if v)
+            raise ValueError(f"Unknown `config` keys {unknown}{' (' + hint + ')' if hint else ''}; "
+                             f"valid keys: {sorted(names)}.")
         kwargs = {**PRESETS[name], **overrides}
         return cls(n_genes=n_genes, image_dim=image_dim, **kwargs)
 

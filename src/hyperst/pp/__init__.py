@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from hyperst.pp._niches import aggregate_niches, niches
     from hyperst.pp._pyramid import ImagePyramid
     from hyperst.pp._spots import SampleSpots, resolve_spots, spot_table
-    from hyperst.pp._tissue import grid_spots, tissue_fraction, tissue_mask, tissue_threshold
+    from hyperst.pp._tissue import TissueThreshold, grid_spots, tissue_fraction, tissue_mask, tissue_threshold
 
 _LAZY_IMPORTS: dict[str, str] = {
     "KNOWN_BACKBONES": "hyperst.pp._backbone",
@@ -65,6 +65,7 @@ _LAZY_IMPORTS: dict[str, str] = {
     "SampleSpots": "hyperst.pp._spots",
     "resolve_spots": "hyperst.pp._spots",
     "spot_table": "hyperst.pp._spots",
+    "TissueThreshold": "hyperst.pp._tissue",
     "grid_spots": "hyperst.pp._tissue",
     "tissue_fraction": "hyperst.pp._tissue",
     "tissue_mask": "hyperst.pp._tissue",
@@ -81,6 +82,7 @@ __all__ = [
     "SampleCrops",
     "SampleSpots",
     "SpotCropDataset",
+    "TissueThreshold",
     "aggregate_niches",
     "crop_geometry",
     "crop_optical_density",

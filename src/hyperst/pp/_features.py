@@ -20,7 +20,7 @@ from hyperst.data._cache import CropCache
 from hyperst.pp._backbone import BackboneSpec, extract_features, load_backbone, resolve_backbone_spec
 from hyperst.pp._crops import iter_crops
 from hyperst.pp._layout import CropGeometry
-from hyperst.pp._pyramid import ImagePyramid, image_fingerprint
+from hyperst.pp._pyramid import image_fingerprint
 from hyperst.pp._spots import SampleSpots, resolve_spots, spot_table
 from hyperst.pp._tissue import tissue_fraction, tissue_threshold
 
@@ -106,10 +106,7 @@ _TRIM_EVERY = 8
 
 
 def _slide_threshold(image: Any, s: SampleSpots) -> float:
-    """The slide's tissue saturation threshold; ``nan`` (with a warning) for a one-channel grey image."""
-    if ImagePyramid(image).n_channels < 3:
-        logger.warning(f"{s.sample}: image `{s.image_key}` is grey (one channel): tissue fraction is NaN")
-        return float("nan")
+    """The slide's tissue threshold (:func:`tissue_threshold`; grey images are measured by darkness)."""
     return tissue_threshold(image, pixel_size=s.pixel_size)
 
 

@@ -46,7 +46,7 @@ def _run_job(job: Job, shared: Shared) -> JobResult:
     import hyperst.tl._fit as fit_module
     from hyperst.pp._genes import targets
     from hyperst.pp._niches import niche_targets
-    from hyperst.tl._evaluate import evaluate, pcc_at_k, pearson_per_gene
+    from hyperst.tl._evaluate import evaluate, pcc_at_k, pearson_per_gene, spearman
 
     table = shared.table
     labels = table.obs[shared.groupby].astype(str).to_numpy()
@@ -122,7 +122,9 @@ def _run_job(job: Job, shared: Shared) -> JobResult:
             members, _ = model.predict_members(xs_all[test], None if xn_all is None else xn_all[test])
             info = {"member_pcc50": [pcc_at_k(pearson_per_gene(yte, p), 50) for p in members],
                     "member_validation": [m["validation"] for m in model.training["members"]],
-                    "ood_fraction": float(out.obs[Key.OBS_OOD].mean())}
+                    "ood_fraction": float(out.obs[Key.OBS_OOD].mean()),
+                    "spearman_radius_mae": spearman(out.obs[Key.OBS_RADIUS].to_numpy(),
+                                                    np.abs(yte - np.asarray(pred)).mean(1))}
         elif method.kind == "retrieval":
             reused = str(method.preset) in models
             model, base_seconds = hyperst_model(str(method.preset))

@@ -93,8 +93,8 @@ def predict(
       larger: trust the spot less; on held-out Her2ST sections it rises with the spot's error);
     - the domain checks: ``.obs["hyperst_ood_score"]`` (≈ 1 for spots like the training spots) and
       ``.obs["hyperst_ood"]`` (above the threshold that about 5 % of held-out training-domain spots exceed),
-      and per slide in ``.uns["hyperst"]["predict"]["domain"]`` (flagged spots, pixel size, stain colour;
-      each flag is also logged as a warning);
+      and per slide in ``.uns["hyperst"]["predict"]["domain"]`` (flagged fraction and stain colour, each
+      alarm logged as a warning; a pixel size coarser than the training slides' as a note);
     - ``.obs["hyperst_radius"]``, the hyperbolic radius of the spot's image embedding (a diagnostic, not a
       confidence: :meth:`HyperST.radius`), the image embeddings in ``.obsm["X_hyperst"]`` /
       ``.obsm["X_hyperst_niche"]``, and the input's ``.obs`` and ``.obsm["spatial"]``.
@@ -226,6 +226,8 @@ def _predict_table(
         out.obs[Key.OBS_OOD] = flag
         for message in report["messages"]:
             logger.warning(f"domain shift: {message}")
+        for note in report["notes"]:
+            logger.info(f"domain note: {note}")
         bands = model.calibration.intervals(members, model.domain.space.whiten(x), alpha=alpha)
         out.layers[Key.LAYER_LOWER] = bands["lower"]
         out.layers[Key.LAYER_UPPER] = bands["upper"]
@@ -235,4 +237,7 @@ def _predict_table(
     else:
         logger.info("this model was trained without validation data: no prediction intervals or domain checks")
     out.uns[Key.UNS] = {Key.UNS_PREDICT: jsonable(record, drop_none=True)}
+    spots = data.uns.get(Key.UNS, {}).get(Key.UNS_SPOTS)
+    if spots is not None:  # the resolved spot geometry (pixel size, spot diameter): plots draw spots to scale
+        out.uns[Key.UNS][Key.UNS_SPOTS] = dict(spots)
     return out
