@@ -159,3 +159,13 @@ def test_grey_image_gets_tissue_fractions_through_image_features(sdata) -> None:
     assert np.isfinite(b).all()
     assert np.corrcoef(a, b)[0, 1] > 0.9
     assert abs(a.mean() - b.mean()) < 0.1
+
+
+def test_crop_optical_density_counts_stained_pixels_only() -> None:
+    pink = np.array([200, 120, 170], np.uint8)
+    crop = np.zeros((2, 16, 16, 3), np.uint8)
+    crop[0, :, :8] = pink  # left half stained, right half painted black by an export
+    crop[1] = 250  # glass only
+    od = hst.pp.crop_optical_density(crop, step=1)
+    np.testing.assert_allclose(od[0], -np.log10((pink.astype(np.float32) + 1) / 256), rtol=1e-5)
+    assert np.isnan(od[1]).all()

@@ -372,7 +372,9 @@ def image_features(
                 tissue[target] = np.concatenate([b.tissue for b in seen])
                 covered[target] = True
                 od = np.concatenate([b.od for b in seen])
-                colour[s.sample] = {"od_mean": od.mean(0).tolist(), "od_std": od.std(0).tolist()}
+                od = od[np.isfinite(od).all(1)]
+                if len(od):
+                    colour[s.sample] = {"od_mean": od.mean(0).tolist(), "od_std": od.std(0).tolist()}
     if not covered.all():
         logger.warning(f"{int((~covered).sum())} table rows have no spot: their features are zero")
     table.obsm[Key.OBSM_FEATURES_SPOT] = feats["spot"]
@@ -408,14 +410,21 @@ class _Seen(NamedTuple):
     od: np.ndarray
 
 
-def crop_optical_density(crops: np.ndarray, *, step: int = 4) -> np.ndarray:
-    """Mean optical density ``-log10((I + 1) / 256)`` of each RGB crop ``(n, s, s, 3)`` → ``(n, 3)``.
+def crop_optical_density(crops: np.ndarray, *, step: int = 4, dark: int = 25, bright: int = 230) -> np.ndarray:
+    """Mean optical density ``-log10((I + 1) / 256)`` of the stained pixels of each RGB crop → ``(n, 3)``.
 
     Optical density is the Beer–Lambert absorbance (stain amount) behind each channel: a stain or scanner
-    shift moves it, and so does background painted black by a slide export. Every ``step``-th pixel is read.
+    shift moves it. Only stained pixels count: not black (brightest channel ≥ ``dark``, so background painted
+    black by an export does not enter) and not glass (darkest channel ≤ ``bright``). Every ``step``-th pixel
+    is read; a crop without stained pixels gives NaN.
     """
     sub = np.asarray(crops[:, ::step, ::step, :3], dtype=np.float32)
-    return (-np.log10((sub + 1.0) / 256.0)).mean(axis=(1, 2)).astype(np.float32)
+    keep = (sub.max(-1) >= dark) & (sub.min(-1) <= bright)
+    od = -np.log10((sub + 1.0) / 256.0)
+    n = keep.sum(axis=(1, 2))
+    total = (od * keep[..., None]).sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n[:, None] > 0, total / n[:, None], np.nan).astype(np.float32)
 
 
 def _stream(
