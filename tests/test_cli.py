@@ -22,7 +22,11 @@ def test_demo_writes_report(tmp_path) -> None:
     assert metrics["model"]["PCC@10"] > 0.6
     assert metrics["model"]["MSE"] < metrics["mean_predictor"]["MSE"]
     assert metrics["n_test_spots"] == 144
-    for name in ("spatial", "scatter", "gene_scores", "history", "poincare", "radius"):
+    trust = metrics["trust"]  # three training slides: a three-member ensemble with calibrated intervals
+    assert trust["n_members"] == 3
+    assert 0.75 <= trust["coverage"] <= 1.0
+    assert trust["spearman_uncertainty_mae"] > 0
+    for name in ("spatial", "intervals", "reliability", "scatter", "gene_scores", "history", "poincare", "radius"):
         img = mpimg.imread(out / f"{name}.png")
         assert img.std() > 0.05, name  # not a blank canvas
     assert (out / "model" / "hyperst.json").exists()

@@ -265,3 +265,10 @@ def test_training_beats_the_mean_predictor(preset: str) -> None:
     mse_model = float(((pred - expr[test]) ** 2).mean())
     mse_mean = float(((expr[train].mean(0) - expr[test]) ** 2).mean())
     assert mse_model < 0.5 * mse_mean
+
+
+def test_unknown_config_keys_name_the_valid_ones() -> None:
+    from hyperst.nn import HyperSTConfig
+
+    with pytest.raises(ValueError, match=r"Unknown `config` keys \['emb_dimm'\].*did you mean 'emb_dim'"):
+        HyperSTConfig.from_preset("hyperst", n_genes=3, image_dim=4, emb_dimm=8)

@@ -141,6 +141,15 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
+def _members(value: str) -> int | str:
+    """``--members``: ``auto`` or a positive count."""
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a positive integer, got {value!r}")
+    return int(value)
+
+
 def _fit(args: argparse.Namespace) -> int:
     import hyperst as hst
 
@@ -150,7 +159,7 @@ def _fit(args: argparse.Namespace) -> int:
     model = hst.tl.fit(
         data, mode=args.mode, preset=args.preset, config=config, backbone=args.backbone, max_epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device, min_tissue=args.min_tissue,
-        progress=args.progress, devices=args.devices, strategy=args.strategy,
+        progress=args.progress, devices=args.devices, strategy=args.strategy, n_members=args.members,
     )
     model.save(args.out, overwrite=args.overwrite)
     say(f"model saved to {args.out}")
@@ -164,9 +173,14 @@ def _predict(args: argparse.Namespace) -> int:
     data = _read(args.data)
     _check_out(args.out, overwrite=None)
     model = hst.tl.HyperST.load(folder, device=args.device)
-    pred = hst.tl.predict(model, data, pixel_size=args.pixel_size, progress=args.progress)
+    pred = hst.tl.predict(model, data, pixel_size=args.pixel_size, alpha=args.alpha, progress=args.progress)
     pred.write_h5ad(args.out)
     say(f"prediction for {pred.n_obs} spots × {pred.n_vars} genes written to {args.out}")
+    domain = pred.uns.get("hyperst", {}).get("predict", {}).get("domain")
+    if domain is not None:
+        flagged = [name for name, v in domain["slides"].items() if len(v["flags"])]
+        say(f"{domain['ood_fraction']:.0%} of the spots flagged as unlike the training data"
+            + (f"; slides flagged: {flagged}" if flagged else ""))
     return 0
 
 
@@ -300,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Lightning devices: auto, a count (e.g. 4; -1 for all) or ids (e.g. 0,1)")
     fit.add_argument("--strategy", default="auto", help="Lightning strategy (e.g. ddp)")
     fit.add_argument("--min-tissue", type=float, default=None)
+    fit.add_argument("--members", type=_members, default="auto",
+                     help="ensemble members: auto (one per held-out slide fold, ≤ 5) or a count")
     fit.add_argument("--overwrite", action="store_true")
     fit.add_argument("--progress", action="store_true")
     fit.set_defaults(func=_fit)
@@ -309,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--model", required=True, help="model directory")
     pred.add_argument("--out", required=True, help="output .h5ad")
     pred.add_argument("--pixel-size", type=float, default=None, help="µm per pixel (needed without spots)")
+    pred.add_argument("--alpha", type=float, default=0.1, help="miscoverage of the intervals (0.1: 90 %%)")
     pred.add_argument("--device", default="auto")
     pred.add_argument("--progress", action="store_true")
     pred.set_defaults(func=_predict)
