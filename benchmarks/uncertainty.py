@@ -7,8 +7,9 @@ intervals, mean width, Spearman(per-spot uncertainty, per-spot MAE), ensemble PC
 (single models), and the seed standard deviation of both.
 
 Part 2 (``--shift``): trains one ensemble on C2–C5, then predicts C6 clean and degraded with
-:func:`hyperst.datasets.degrade` (downsampled to 3.2 µm/px; background painted black + HED stain shift +
-3.2 µm/px; ...), and reports PCC@50, the fraction of flagged spots and the slide-level flags of each.
+:func:`hyperst.datasets.degrade` (downsampled, JPEG, HED stain shift, background painted black, and
+combinations up to a severe one), and reports PCC@50, coverage, the fraction of flagged spots and the
+slide-level alarms of each.
 
 Usage, from the repository root::
 
@@ -83,10 +84,14 @@ def shift(data: Path, seed: int = 0, save: Path | None = None):
     variants = {
         "clean": {},
         "3.2 µm/px": {"pixel_size": 3.2},
+        "6.4 µm/px": {"pixel_size": 6.4},
         "JPEG q=30": {"jpeg_quality": 30},
         "stain 0.2": {"stain": 0.2},
+        "stain 0.5": {"stain": 0.5},
         "black background": {"background": "black"},
         "black bg + stain 0.2 + 3.2 µm/px": {"background": "black", "stain": 0.2, "pixel_size": 3.2},
+        "black bg + stain 0.5 + 6.4 µm/px + JPEG q=20": {"background": "black", "stain": 0.5, "pixel_size": 6.4,
+                                                         "jpeg_quality": 20},
     }
     rows = []
     for name, kw in variants.items():

@@ -274,9 +274,9 @@ class HyperST:
     def radius(self, embedding: np.ndarray) -> np.ndarray:
         """Hyperbolic radius ``d(O, x)`` of image embeddings (Euclidean norm for the Euclidean variants).
 
-        A diagnostic of the embedding, **not** a confidence: entailment training places generic concepts
-        (niches) nearer the origin than specific ones (spots), but on held-out Her2ST sections the spot
-        radius does not order spots by how well they are predicted (see ``docs/method.md``). For how far to
+        A diagnostic of the learned hierarchy (the streams sit at different radii: :func:`hyperst.pl.radius`),
+        **not** a confidence: on held-out Her2ST sections the spot radius does not order spots by how well
+        they are predicted (Spearman with the error −0.08 to +0.20, ``docs/benchmarks.md``). For how far to
         trust a prediction use the intervals and the domain checks of :func:`hyperst.tl.predict`.
         """
         x = torch.as_tensor(np.asarray(embedding, dtype=np.float32))
