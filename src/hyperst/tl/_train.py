@@ -6,6 +6,7 @@ The plan wraps the nn module and does not own it (scvi-tools' ``TrainingPlan``);
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import warnings
@@ -168,7 +169,9 @@ def run_training(
     kwargs: dict[str, Any] = {
         "accelerator": accelerator,
         "devices": hardware.devices,
-        "strategy": hardware.strategy,
+        # a Strategy object keeps the accelerator of the Trainer it served: each run (ensemble member) gets a
+        # pristine copy of the caller's
+        "strategy": hardware.strategy if isinstance(hardware.strategy, str) else copy.deepcopy(hardware.strategy),
         "num_nodes": hardware.num_nodes,
         "precision": _precision(hardware.precision, accelerator),
         "max_epochs": options.max_epochs,
