@@ -12,7 +12,8 @@ import hashlib
 import importlib
 import math
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,6 +28,7 @@ __all__ = [
     "pearson_per_gene",
     "release_memory",
     "resolve_device",
+    "restore_on_error",
     "spot_pitch",
 ]
 
@@ -200,3 +202,66 @@ def release_memory(*, collect: bool = True) -> None:
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):  # not glibc (e.g. musl)
             _libc().malloc_trim(0)
+
+
+@contextmanager
+def restore_on_error(objects: Iterable[Any]) -> Iterator[None]:
+    """Leave the user's AnnData / SpatialData objects as they were when the body raises.
+
+    A call that fails half way (e.g. ``fit`` after it built the niche graph, or ``predict`` after it placed
+    pseudo-spots) must not leave half its results behind. Snapshots are shallow where hyperst only adds or
+    replaces entries (``.obsm``, ``.obsp``, ``.layers``, elements of a SpatialData) and copies ``.obs``,
+    ``.var`` and ``.uns["hyperst"]``.
+    """
+    objects = list(objects)
+    snapshots = [_snapshot(o) for o in objects]
+    try:
+        yield
+    except BaseException:
+        for obj, snap in zip(objects, snapshots, strict=True):
+            _restore(obj, snap)
+        raise
+
+
+def _snapshot(obj: Any) -> dict[str, Any]:
+    import copy
+
+    if hasattr(obj, "obsm"):  # AnnData
+        uns = dict(obj.uns)
+        if "hyperst" in uns:
+            uns["hyperst"] = copy.deepcopy(uns["hyperst"])
+        return {"obs": obj.obs.copy(), "var": obj.var.copy(), "obsm": dict(obj.obsm), "obsp": dict(obj.obsp),
+                "layers": dict(obj.layers), "uns": uns}
+    if hasattr(obj, "tables"):  # SpatialData
+        return {"elements": {kind: dict(getattr(obj, kind)) for kind in ("images", "labels", "points", "shapes")},
+                "tables": dict(obj.tables), "table_state": {k: _snapshot(t) for k, t in obj.tables.items()}}
+    return {}
+
+
+def _restore(obj: Any, snap: dict[str, Any]) -> None:
+    if not snap:
+        return
+    if "obsm" in snap:
+        obj.obs = snap["obs"]
+        obj.var = snap["var"]
+        for name in ("obsm", "obsp", "layers"):
+            store = getattr(obj, name)
+            for key in [k for k in store if k not in snap[name]]:
+                del store[key]
+            for key, value in snap[name].items():
+                if key not in store or store[key] is not value:
+                    store[key] = value
+        for key in [k for k in obj.uns if k not in snap["uns"]]:
+            del obj.uns[key]
+        obj.uns.update(snap["uns"])
+        return
+    for kind, before in snap["elements"].items():
+        store = getattr(obj, kind)
+        for key in [k for k in store if k not in before]:
+            del store[key]
+    for key in [k for k in obj.tables if k not in snap["tables"]]:
+        del obj.tables[key]
+    for key, table in snap["tables"].items():
+        if key not in obj.tables or obj.tables[key] is not table:
+            obj.tables[key] = table
+        _restore(table, snap["table_state"][key])

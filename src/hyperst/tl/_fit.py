@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from hyperst._constants import Key
-from hyperst._utils import jsonable
+from hyperst._utils import jsonable, restore_on_error
 from hyperst.data._modules import Validation
 from hyperst.tl._lora import LoraSpec
 from hyperst.tl._model import HyperST
@@ -143,10 +143,11 @@ def fit(
                           niche_key=niche_key, n_members=n_members)
     image = ImageOptions(backbone=backbone, weights=weights, random_init=random_init, lora=lora, geometry=geometry,
                          cache_dir=cache_dir, augment=augment)
-    model = HyperST.setup(data, mode=mode, genes=genes, preset=preset, config=config, options=options, image=image,
-                          seed=seed, device=device, progress=progress)
-    model.train(train, hardware=hardware)
-    _write_embeddings(model, obsm_keys, progress=progress)
+    with restore_on_error(data if isinstance(data, Sequence) else [data]):  # a failed fit leaves `data` as it was
+        model = HyperST.setup(data, mode=mode, genes=genes, preset=preset, config=config, options=options,
+                              image=image, seed=seed, device=device, progress=progress)
+        model.train(train, hardware=hardware)
+        _write_embeddings(model, obsm_keys, progress=progress)
     return model
 
 

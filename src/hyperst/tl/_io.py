@@ -29,6 +29,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MEMBERS_FILE",
     "WEIGHTS_FILE",
+    "check_integrity",
     "model_record",
     "read_model",
     "write_model",
@@ -64,6 +65,55 @@ def model_record(model: HyperST) -> dict[str, Any]:
     }
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _digest(value: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def _integrity(path: Path, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Hashes of the tensor files, the gene list and the configuration: what :func:`read_model` checks."""
+    files = {name: _sha256(path / name) for name in (WEIGHTS_FILE, MEMBERS_FILE, CALIBRATION_FILE, BACKBONE_FILE)
+             if (path / name).exists()}
+    return {"files": files, "genes": _digest(meta["genes"]), "config": _digest(meta["config"])}
+
+
+def check_integrity(path: Path, meta: Mapping[str, Any]) -> None:
+    """Refuse a model folder whose files, gene list or configuration differ from what was saved.
+
+    Raises
+    ------
+    ValueError
+        Naming the part that does not match (a swapped or truncated weights file, a reordered gene list, an
+        edited configuration), before any tensor is read.
+    """
+    record = meta.get("integrity")
+    if not record:
+        return
+    if _digest(meta["genes"]) != record.get("genes"):
+        raise ValueError(f"{path / CONFIG_FILE}: the gene list differs from the one saved with the weights "
+                         "(reordered or edited?); predictions would carry the wrong gene names. Re-save the model.")
+    if _digest(meta["config"]) != record.get("config"):
+        raise ValueError(f"{path / CONFIG_FILE}: the network configuration differs from the one saved with the "
+                         "weights (edited?); re-save the model.")
+    for name, digest in dict(record.get("files", {})).items():
+        file = path / name
+        if not file.exists():
+            raise ValueError(f"{file} is missing: the model folder is incomplete.")
+        if _sha256(file) != digest:
+            raise ValueError(f"{file} does not match the model it was saved with (swapped, truncated or corrupt).")
+
+
 def write_model(model: HyperST, path: str | Path, *, overwrite: bool = False) -> Path:
     """Write ``model`` to the directory ``path`` (see :meth:`hyperst.tl.HyperST.save`)."""
     path = Path(path)
@@ -86,9 +136,31 @@ def write_model(model: HyperST, path: str | Path, *, overwrite: bool = False) ->
         bb = model.image_backbone.state_dict()
         keep = bb if not (model.backbone or {}).get("weights") else {k: v for k, v in bb.items() if "lora_" in k}
         torch.save({k: v.detach().cpu().contiguous() for k, v in keep.items()}, path / BACKBONE_FILE)
-    (path / CONFIG_FILE).write_text(json.dumps(model_record(model), indent=2) + "\n")
+    meta = model_record(model)
+    meta["integrity"] = _integrity(path, meta)
+    (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     logger.info(f"saved model to {path}")
     return path
+
+
+def _tensors(file: Path) -> dict[str, torch.Tensor]:
+    """A state dict read with ``weights_only=True``; a damaged file is a ValueError naming it."""
+    import pickle
+
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as err:
+        raise ValueError(f"{file} cannot be read as a tensor file ({type(err).__name__}): the model folder is "
+                         "damaged or incomplete.") from None
+
+
+def _load_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor], file: Path) -> None:
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        lines = str(err).strip().splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else lines[0]
+        raise ValueError(f"{file} does not fit the configuration in {CONFIG_FILE}: {detail}") from None
 
 
 def read_model(path: str | Path) -> dict[str, Any]:
@@ -96,30 +168,36 @@ def read_model(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not (path / CONFIG_FILE).exists() or not (path / WEIGHTS_FILE).exists():
         raise FileNotFoundError(f"{path} does not hold a saved HyperST model ({CONFIG_FILE} + {WEIGHTS_FILE}).")
-    meta = json.loads((path / CONFIG_FILE).read_text())
+    try:
+        meta = json.loads((path / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path / CONFIG_FILE} is not valid JSON ({err}); the model folder is damaged.") from None
+    if not isinstance(meta, dict) or "config" not in meta or "genes" not in meta:
+        raise ValueError(f"{path / CONFIG_FILE} is not a hyperst model record (no 'config' and 'genes').")
+    check_integrity(path, meta)
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path} was written by a newer hyperst (format {meta['format_version']}); upgrade hyperst.")
     config = HyperSTConfig.from_dict(meta["config"])
     network = HyperSTNetwork(config)
-    state = torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    network.load_state_dict(state)
+    _load_state(network, _tensors(path / WEIGHTS_FILE), path / WEIGHTS_FILE)
     image_model = lora = None
     if meta.get("lora"):
         image_model, lora = _load_lora_backbone(path, meta, config, network)
     members = [network]
     n_members = int(meta.get("n_members", 1))
     if n_members > 1:
-        saved = torch.load(path / MEMBERS_FILE, map_location="cpu", weights_only=True)
+        saved = _tensors(path / MEMBERS_FILE)
         for i in range(1, n_members):
             net = HyperSTNetwork(config)
-            net.load_state_dict({k.split(".", 1)[1]: v for k, v in saved.items() if k.split(".", 1)[0] == str(i)})
+            _load_state(net, {k.split(".", 1)[1]: v for k, v in saved.items() if k.split(".", 1)[0] == str(i)},
+                        path / MEMBERS_FILE)
             members.append(net)
     calibration = domain = None
     if meta.get("domain") is not None and (path / CALIBRATION_FILE).exists():
         from hyperst.tl._domain import DomainReference
         from hyperst.tl._uncertainty import Calibration, FeatureSpace
 
-        arrays = torch.load(path / CALIBRATION_FILE, map_location="cpu", weights_only=True)
+        arrays = _tensors(path / CALIBRATION_FILE)
 
         def part(prefix: str) -> dict[str, Any]:
             return {k[len(prefix) + 1 :]: v.numpy() for k, v in arrays.items() if k.startswith(prefix + ".")}

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from hyperst._logging import logger
-from hyperst._utils import jsonable, resolve_device
+from hyperst._utils import jsonable, resolve_device, restore_on_error
 from hyperst.nn import HyperSTConfig, HyperSTNetwork, ImageHyperST
 from hyperst.tl._domain import DomainReference
 from hyperst.tl._lora import LoraSpec
@@ -339,8 +339,9 @@ class HyperST:
         options = options or DataOptions()
         image = image or ImageOptions()
         probe = HyperSTConfig.from_preset(preset, n_genes=1, image_dim=1, **(config or {}))
-        reg = register(data, mode=mode, genes=genes, options=options, image=image,
-                       niche_features=probe.has_niche, device=device, progress=progress)
+        with restore_on_error(data if isinstance(data, Sequence) else [data]):  # a failed setup changes nothing
+            reg = register(data, mode=mode, genes=genes, options=options, image=image,
+                           niche_features=probe.has_niche, device=device, progress=progress)
         image_model = lora_spec = None
         if mode == "lora":
             from hyperst.pp import load_backbone, resolve_backbone_spec

@@ -13,7 +13,7 @@ import pandas as pd
 
 from hyperst._constants import Key
 from hyperst._logging import logger
-from hyperst._utils import jsonable
+from hyperst._utils import jsonable, restore_on_error
 from hyperst.tl._setup import feature_matrix, slide_records
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -108,11 +108,12 @@ def predict(
                               alpha=alpha)
     if not hasattr(data, "images"):
         raise TypeError(f"`data` must be an AnnData or a SpatialData, got {type(data).__name__}.")
-    return _predict_spatialdata(
-        model, data, layer=layer, table_key=table_key, shapes_key=shapes_key, image_key=image_key,
-        pixel_size=pixel_size, key_added=key_added, grid=grid, device=device, batch_size=batch_size, alpha=alpha,
-        progress=progress,
-    )
+    with restore_on_error([data]):  # a failed call leaves no pseudo-spots, table or features behind
+        return _predict_spatialdata(
+            model, data, layer=layer, table_key=table_key, shapes_key=shapes_key, image_key=image_key,
+            pixel_size=pixel_size, key_added=key_added, grid=grid, device=device, batch_size=batch_size,
+            alpha=alpha, progress=progress,
+        )
 
 
 def _predict_spatialdata(
