@@ -144,3 +144,11 @@ def test_every_guarantee_on_the_reliability_page_names_an_existing_test() -> Non
     assert len(refs) >= 10
     for file, name in refs:
         assert re.search(rf"^def {name}\(", (root / file).read_text(), flags=re.M), f"{file}::{name}"
+
+
+def test_gene_string_and_empty_prediction_are_clear_errors(slides, saved) -> None:
+    with pytest.raises(TypeError, match=r"`genes` must be a list of gene names, got the string 'g0'; pass \['g0'\]"):
+        hst.tl.fit(ad.concat(slides[:3], merge="same"), genes="g0", **FIT)
+    model = hst.tl.HyperST.load(saved)
+    with pytest.raises(ValueError, match="has no spots"):
+        hst.tl.predict(model, slides[3][:0].copy())

@@ -189,6 +189,8 @@ def _predict_table(
 
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < 1:
         raise ValueError(f"`alpha` must be in (0, 1) (0.1 gives 90 % intervals), got {alpha!r}.")
+    if data.n_obs == 0:
+        raise ValueError("`data` has no spots (0 rows): nothing to predict. Check the table or the spots you subset.")
     spot = feature_matrix(data, spot_key, "spot")
     niche = feature_matrix(data, niche_key, "niche") if model.config.has_niche else None
     members, embs = model.predict_members(spot, niche, batch_size=batch_size)

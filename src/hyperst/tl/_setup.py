@@ -203,6 +203,8 @@ def _genes(adatas: list[AnnData], genes: Sequence[str] | None, options: DataOpti
         else:
             lib = options.sample_key if options.sample_key in first.obs else None
             genes = select_genes(adatas, layer=options.layer, library_key=lib, inplace=False)
+    if isinstance(genes, str):
+        raise TypeError(f"`genes` must be a list of gene names, got the string {genes!r}; pass [{genes!r}].")
     genes = [str(g) for g in genes]
     if not genes:
         raise ValueError("No genes to predict: `genes` is empty.")
