@@ -13,15 +13,14 @@ from hyperst._constants import Key
 from hyperst._utils import pearson_per_gene
 from hyperst.pl._utils import (
     VALUE_LABEL,
-    align,
     as_list,
     doc_figure,
     draw_map,
     finish,
+    map_values,
     observed,
     prediction,
     shared_norm,
-    spot_frame,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -115,22 +114,10 @@ def spatial(
     genes = as_list(genes, "genes")
     if ncols < 1:
         raise ValueError(f"`ncols` must be at least 1, got {ncols}.")
-    pred, pred_layer = prediction(adata_pred, genes, layer)
-    truth = align(truth, adata_pred) if truth is not None else None
-    obs = observed(
-        adata_pred, genes, truth=truth, pred_layer=pred_layer, truth_layer=truth_layer, truth_transform=truth_transform
+    pred, obs, frame = map_values(
+        adata_pred, genes, truth=truth, layer=layer, truth_layer=truth_layer, truth_transform=truth_transform,
+        image=image, scale_factor=scale_factor, spot_size=spot_size, sample=sample, sample_key=sample_key,
     )
-    frame = spot_frame(
-        adata_pred,
-        truth=truth,
-        image=image,
-        scale_factor=scale_factor,
-        spot_size=spot_size,
-        sample=sample,
-        sample_key=sample_key,
-    )
-    pred = pred[frame.mask]
-    obs = obs[frame.mask] if obs is not None else None
     r = pearson_per_gene(obs, pred) if obs is not None else None
 
     n_per_gene = 2 if obs is not None else 1

@@ -21,17 +21,14 @@ from hyperst.pl._utils import (
     FLAG_COLOR,
     VALUE_LABEL,
     SpotFrame,
-    align,
     as_list,
     doc_figure,
     draw_map,
     finish,
-    observed,
+    map_values,
     outline_spots,
     predict_record,
-    prediction,
     shared_norm,
-    spot_frame,
     values_of,
 )
 
@@ -254,24 +251,13 @@ def intervals(
     genes = as_list(genes, "genes")
     if ncols < 1:
         raise ValueError(f"`ncols` must be at least 1, got {ncols}.")
-    pred, pred_layer = prediction(adata_pred, genes, layer)
-    lower, upper = _interval_layers(adata_pred, genes)
-    truth = align(truth, adata_pred) if truth is not None else None
-    obs = observed(
-        adata_pred, genes, truth=truth, pred_layer=pred_layer, truth_layer=truth_layer, truth_transform=truth_transform
-    )
-    frame = spot_frame(
-        adata_pred,
-        truth=truth,
-        image=image,
-        scale_factor=scale_factor,
-        spot_size=spot_size,
-        sample=sample,
-        sample_key=sample_key,
+    pred, obs, frame = map_values(  # checks the genes first
+        adata_pred, genes, truth=truth, layer=layer, truth_layer=truth_layer, truth_transform=truth_transform,
+        image=image, scale_factor=scale_factor, spot_size=spot_size, sample=sample, sample_key=sample_key,
     )
     m = frame.mask
-    pred, lower, upper = pred[m], lower[m], upper[m]
-    obs = obs[m] if obs is not None else None
+    lower, upper = _interval_layers(adata_pred, genes)
+    lower, upper = lower[m], upper[m]
     flags = _ood_flags(adata_pred) if ood else None
     flags = flags[m] if flags is not None else None
     alpha = _alpha(adata_pred)
@@ -430,19 +416,9 @@ def reliability(
     has_score = Key.OBS_OOD_SCORE in adata_pred.obs.columns
     score = _obs_column(adata_pred, Key.OBS_OOD_SCORE, "OOD score", "") if has_score else None
     flags = _ood_flags(adata_pred)
-    pred, pred_layer = prediction(adata_pred, genes, layer)
-    truth = align(truth, adata_pred) if truth is not None else None
-    obs = observed(
-        adata_pred, genes, truth=truth, pred_layer=pred_layer, truth_layer=truth_layer, truth_transform=truth_transform
-    )
-    frame = spot_frame(
-        adata_pred,
-        truth=truth,
-        image=image,
-        scale_factor=scale_factor,
-        spot_size=spot_size,
-        sample=sample,
-        sample_key=sample_key,
+    pred, obs, frame = map_values(
+        adata_pred, genes, truth=truth, layer=layer, truth_layer=truth_layer, truth_transform=truth_transform,
+        image=image, scale_factor=scale_factor, spot_size=spot_size, sample=sample, sample_key=sample_key,
     )
     m = frame.mask
     uncertainty = uncertainty[m]
@@ -485,7 +461,6 @@ def reliability(
             _colorbar_threshold(cbar, threshold, norm)
 
     if obs is not None:
-        pred, obs = pred[m], obs[m]
         lower, upper = lower[m], upper[m]
         from scipy.stats import spearmanr
 

@@ -344,6 +344,37 @@ def spot_frame(
     return SpotFrame(img, mask, sample_name, xy * scale_factor, float(diameter) * scale_factor)
 
 
+def map_values(
+    adata_pred: AnnData,
+    genes: list[str],
+    *,
+    truth: AnnData | None,
+    layer: str | None,
+    truth_layer: str | None,
+    truth_transform: str,
+    image: Any,
+    scale_factor: float,
+    spot_size: float | None,
+    sample: str | None,
+    sample_key: str,
+) -> tuple[np.ndarray, np.ndarray | None, SpotFrame]:
+    """What a map of predicted (and observed) expression draws: both ``(n_drawn, G)`` and the spot frame.
+
+    The one sequence behind :func:`hyperst.pl.spatial`, :func:`~hyperst.pl.intervals` and
+    :func:`~hyperst.pl.reliability`: the prediction (:func:`prediction`), the observed values of ``truth`` or
+    of the table (:func:`observed`, ``None`` when there are none), and :func:`spot_frame`, rows restricted to
+    the drawn spots.
+    """
+    pred, pred_layer = prediction(adata_pred, genes, layer)
+    truth = align(truth, adata_pred) if truth is not None else None
+    obs = observed(
+        adata_pred, genes, truth=truth, pred_layer=pred_layer, truth_layer=truth_layer, truth_transform=truth_transform
+    )
+    frame = spot_frame(adata_pred, truth=truth, image=image, scale_factor=scale_factor, spot_size=spot_size,
+                       sample=sample, sample_key=sample_key)
+    return pred[frame.mask], None if obs is None else obs[frame.mask], frame
+
+
 def _circles(ax: Axes, xy: np.ndarray, diameter: float, **kwargs: Any) -> EllipseCollection:
     from matplotlib.collections import EllipseCollection
 
