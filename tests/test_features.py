@@ -154,6 +154,14 @@ def test_grey_image_gets_tissue_fractions_through_image_features(sdata) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "grey image: an H&E backbone sees no stain colour"
         hst.pp.image_features(grey, **TINY)
+    # the per-slide stain record is the mean optical density of the spot crops the backbone saw
+    for sc in hst.pp.crops(rgb, progress=False):
+        od = hst.pp.crop_optical_density(np.asarray(sc.spot))
+        od = od[np.isfinite(od).all(1)]  # crops without stained pixels do not enter the record
+        assert 0 < len(od) <= len(sc.spot)
+        record = rgb.tables["table"].uns[Key.UNS][Key.UNS_COLOUR][sc.spots.sample]
+        np.testing.assert_allclose(record["od_mean"], od.mean(0), rtol=1e-5)
+        np.testing.assert_allclose(record["od_std"], od.std(0), rtol=1e-4)
     a = rgb.tables["table"].obs[Key.OBS_TISSUE_FRACTION].to_numpy()
     b = grey.tables["table"].obs[Key.OBS_TISSUE_FRACTION].to_numpy()
     assert np.isfinite(b).all()

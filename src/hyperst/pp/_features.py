@@ -407,7 +407,7 @@ class _Seen(NamedTuple):
     index: np.ndarray
     pad: np.ndarray
     tissue: np.ndarray
-    od: np.ndarray
+    od: np.ndarray | None  # mean optical density of the spot crops (set by _stream)
 
 
 def crop_optical_density(crops: np.ndarray, *, step: int = 4, dark: int = 25, bright: int = 230) -> np.ndarray:
@@ -444,7 +444,8 @@ def _stream(
     and freed crop and activation buffers go back to the OS every few batches (:func:`release_memory`).
     """
     for k, (crops_, record) in enumerate(_batches(image, s, side, geom, batch_size, cached, name, threshold)):
-        seen.append(record)
+        od = crop_optical_density(crops_) if name == "spot" else np.full((len(crops_), 3), np.nan, np.float32)
+        seen.append(record._replace(od=od))
         yield crops_
         if k % _TRIM_EVERY == _TRIM_EVERY - 1:
             release_memory(collect=False)
@@ -468,16 +469,12 @@ def _batches(
         arr = cached.spot if name == "spot" else cached.niche
         for start in range(0, len(arr), batch_size):
             idx = np.arange(start, min(start + batch_size, len(arr)))
-            batch = np.array(arr[start : start + len(idx)])  # a writable copy of one batch
-            od = crop_optical_density(batch) if name == "spot" else np.full((len(idx), 3), np.nan, np.float32)
-            record = _Seen(idx, np.asarray(cached.pad_fraction[idx]), np.asarray(cached.tissue_fraction[idx]), od)
-            yield batch, record
+            record = _Seen(idx, np.asarray(cached.pad_fraction[idx]), np.asarray(cached.tissue_fraction[idx]), None)
+            yield np.array(arr[start : start + len(idx)]), record  # a writable copy of one batch
         return
     for b in iter_crops(image, s.centers_px, side, out_size=geom.out_size, batch_size=batch_size):
         if name == "spot":
             frac = tissue_fraction(b.crops, threshold=threshold)
-            od = crop_optical_density(b.crops)
         else:
             frac = np.full(len(b.index), np.nan, dtype=np.float32)
-            od = np.full((len(b.index), 3), np.nan, np.float32)
-        yield b.crops, _Seen(b.index, b.pad_fraction, frac, od)
+        yield b.crops, _Seen(b.index, b.pad_fraction, frac, None)
