@@ -518,10 +518,8 @@ class HyperST:
         x = data.spot if data.niche is None else np.concatenate([data.spot, data.niche], axis=1)
         self.domain = domain_reference(x, reg.samples, held_out, slides=training_slides(reg),
                                        seed=int(self.training.get("seed", 0)))
-        residuals = []
-        for k, mask in enumerate(held_out):
-            preds, _ = self.predict_members(data.spot[mask], None if data.niche is None else data.niche[mask])
-            residuals.append(MemberResiduals(preds[k], data.targets[mask], x[mask]))
+        preds, _ = self.predict_members(data.spot, data.niche)  # one pass; member k is read on its held-out rows
+        residuals = [MemberResiduals(preds[k][mask], data.targets[mask], x[mask]) for k, mask in enumerate(held_out)]
         self.calibration = calibrate(self.domain.space, residuals)
         n_val = sum(int(m.sum()) for m in held_out)
         logger.info(f"calibrated prediction intervals on {n_val} held-out spots of {self.n_members} member(s)")
