@@ -14,7 +14,7 @@ import pandas as pd
 from hyperst._constants import Key
 from hyperst._logging import logger
 from hyperst._utils import jsonable, restore_on_error
-from hyperst.tl._setup import feature_matrix, slide_records
+from hyperst.tl._setup import check_feature_origin, feature_matrix, slide_records
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -191,6 +191,8 @@ def _predict_table(
         raise ValueError(f"`alpha` must be in (0, 1) (0.1 gives 90 % intervals), got {alpha!r}.")
     if data.n_obs == 0:
         raise ValueError("`data` has no spots (0 rows): nothing to predict. Check the table or the spots you subset.")
+    if spot_key == Key.OBSM_FEATURES_SPOT:  # the record describes the default feature keys
+        check_feature_origin(data, backbone=model.backbone, crop_geometry=model.crop_geometry, what="`data`")
     spot = feature_matrix(data, spot_key, "spot")
     niche = feature_matrix(data, niche_key, "niche") if model.config.has_niche else None
     members, embs = model.predict_members(spot, niche, batch_size=batch_size)

@@ -24,8 +24,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from hyperst.pp import CropGeometry
     from hyperst.tl._options import DataOptions, ImageOptions
 
-__all__ = ["Part", "TrainingData", "feature_matrix", "niche_target_matrix", "register", "slide_records",
-           "target_matrix", "training_slides"]
+__all__ = ["Part", "TrainingData", "check_feature_origin", "feature_matrix", "niche_target_matrix", "register",
+           "slide_records", "target_matrix", "training_slides"]
 
 
 @dataclass
@@ -227,18 +227,79 @@ def _coords(adatas: list[AnnData]) -> np.ndarray | None:
     return np.concatenate([np.asarray(a.obsm[Key.OBSM_SPATIAL], dtype=np.float64)[:, :2] for a in adatas])
 
 
+def _feature_origin(adata: AnnData) -> tuple[dict | None, dict | None]:
+    """``(backbone, crop_geometry)`` recorded by :func:`hyperst.pp.image_features` (plain JSON), or ``None``s."""
+    from hyperst._utils import jsonable
+
+    rec = adata.uns.get(Key.UNS, {}).get(Key.UNS_FEATURES)
+    if not isinstance(rec, Mapping):
+        return None, None
+    backbone, geometry = rec.get("backbone"), rec.get("crop_geometry")
+    return (jsonable(dict(backbone)) if isinstance(backbone, Mapping) else None,
+            jsonable(dict(geometry)) if isinstance(geometry, Mapping) else None)
+
+
+def _same_backbone(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Same architecture, pooling and weights file (by name: a model folder moves between machines).
+
+    The LoRA adapters must match too when both records have them.
+    """
+    from pathlib import PurePath
+
+    def weights(spec: Mapping[str, Any]) -> str | None:
+        w = spec.get("weights")
+        return None if w is None else PurePath(str(w)).name
+
+    same = (a.get("name"), a.get("pool"), weights(a)) == (b.get("name"), b.get("pool"), weights(b))
+    if "adapters" in a and "adapters" in b:
+        same = same and a["adapters"] == b["adapters"]
+    return same
+
+
+def check_feature_origin(
+    adata: AnnData, *, backbone: Mapping[str, Any] | None, crop_geometry: Mapping[str, Any] | None, what: str,
+    reference: str = "the model's",
+) -> None:
+    """Raise when a table's features come from another backbone or crop geometry than the given ones.
+
+    Features of the same size from another crop geometry (400/800 µm crops against 112/255 µm) or another
+    backbone give predictions that look normal and are wrong. Tables without a record (features computed
+    elsewhere) are accepted, with an info message.
+    """
+    from hyperst._utils import jsonable
+
+    have_bb, have_geom = _feature_origin(adata)
+    if have_bb is None and have_geom is None:
+        if backbone is not None or crop_geometry is not None:
+            logger.info(f"{what} does not record how its image features were made: they are assumed to come "
+                        "from the model's backbone and crop geometry")
+        return
+    fix = ("Recompute them with `hst.pp.image_features(sdata, backbone=model.backbone, "
+           "geometry=model.crop_geometry, recompute=True)`, or predict from the SpatialData itself.")
+    if crop_geometry is not None and have_geom is not None and jsonable(dict(crop_geometry)) != have_geom:
+        raise ValueError(f"The image features of {what} were made with crop geometry {have_geom}, "
+                         f"{reference} with {jsonable(dict(crop_geometry))}. {fix}")
+    if backbone is not None and have_bb is not None and not _same_backbone(jsonable(dict(backbone)), have_bb):
+        raise ValueError(f"The image features of {what} come from backbone {have_bb.get('name')!r} (weights "
+                         f"{have_bb.get('weights')!r}), {reference} from {backbone.get('name')!r} (weights "
+                         f"{backbone.get('weights')!r}). {fix}")
+
+
 def _provenance(adatas: list[AnnData]) -> tuple[dict | None, dict | None, dict]:
-    """Backbone and crop geometry of the features, and the spot geometry, as recorded by ``hst.pp``."""
-    uns = adatas[0].uns.get(Key.UNS, {})
-    rec = uns.get(Key.UNS_FEATURES)
+    """Backbone and crop geometry of the features, and the spot geometry, as recorded by ``hst.pp``.
+
+    Every training table must record the same backbone and crop geometry as the first (or none).
+    """
+    backbone, geometry = _feature_origin(adatas[0])
+    for i, a in enumerate(adatas[1:], start=1):
+        check_feature_origin(a, backbone=backbone, crop_geometry=geometry, what=f"training table {i}",
+                             reference="those of training table 0")
     spots = {}
-    meta = uns.get(Key.UNS_SPOTS)
+    meta = adatas[0].uns.get(Key.UNS, {}).get(Key.UNS_SPOTS)
     if isinstance(meta, Mapping) and meta:
         first = next(iter(meta.values()))
         spots = {k: first[k] for k in ("layout", "spot_diameter", "pitch") if k in first}
-    if not isinstance(rec, Mapping):
-        return None, None, spots
-    return rec.get("backbone"), rec.get("crop_geometry"), spots
+    return backbone, geometry, spots
 
 
 def _ensure_features(
