@@ -30,6 +30,9 @@ class Key:
     OBSM_GENE_NICHE: Final[str] = "X_hyperst_gene_niche"
     #: ``.layers`` key of predicted expression when ``.X`` already holds measured counts.
     LAYER_PRED: Final[str] = "hyperst_pred"
+    #: ``.layers`` key of the measured counts as log2(1 + counts), next to the prediction (hst.tl.predict on a
+    #: table with the model's genes), for side-by-side tools such as ``squidpy.gr.spatial_autocorr(layer=...)``.
+    LAYER_OBSERVED: Final[str] = "hyperst_observed"
 
     # ------------------------------------------------------------------ preprocessing (hst.pp)
     #: ``.obsm`` key of spot centres (the squidpy convention).
@@ -96,6 +99,21 @@ class Key:
     OBS_RADIUS: Final[str] = "hyperst_radius"
     #: name of the table :func:`hyperst.tl.predict` adds to a SpatialData.
     TABLE_PREDICTION: Final[str] = "hyperst_prediction"
+
+    # ------------------------------------------------------------------ scanpy/squidpy legacy ``.uns["spatial"]``
+    #: ``.uns`` key of the legacy spatial block: ``.uns["spatial"][library_id]`` (scanpy.read_visium's layout).
+    UNS_SPATIAL: Final[str] = "spatial"
+    #: sub-keys of ``.uns["spatial"][library_id]``: the images and their scale factors.
+    SPATIAL_IMAGES: Final[str] = "images"
+    SPATIAL_SCALEFACTORS: Final[str] = "scalefactors"
+    SPATIAL_METADATA: Final[str] = "metadata"
+    #: image keys of ``.uns["spatial"][library_id]["images"]`` (Space Ranger: at most 2000 and 600 pixels a side).
+    SPATIAL_HIRES: Final[str] = "hires"
+    SPATIAL_LOWRES: Final[str] = "lowres"
+    #: scale factors: image pixels per ``.obsm["spatial"]`` unit, and the spot diameter in those units.
+    SCALEF_HIRES: Final[str] = "tissue_hires_scalef"
+    SCALEF_LOWRES: Final[str] = "tissue_lowres_scalef"
+    SPOT_DIAMETER_FULLRES: Final[str] = "spot_diameter_fullres"
 
     # sub-keys of ``.uns["hyperst"]``
     UNS_SPOTS: Final[str] = "spots"  # resolved geometry: pixel size, spot diameter, keys used
