@@ -126,3 +126,4 @@ class Key:
     UNS_DOMAIN: Final[str] = "domain"  # .uns["hyperst"]["predict"]["domain"]: domain-shift checks of hst.tl.predict
     ATTRS_DEGRADE: Final[str] = "degrade"  # images' attrs["hyperst"]["degrade"]: what hst.datasets.degrade did
     ATTRS_GRID: Final[str] = "grid"  # shapes.attrs["hyperst"]["grid"]: parameters of hst.pp.grid_spots
+    ATTRS_SLIDE: Final[str] = "slide"  # sdata.attrs["hyperst"]["slide"][sample]: what hst.datasets.read_slide read
