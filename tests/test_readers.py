@@ -16,7 +16,7 @@ tifffile = pytest.importorskip("tifffile")
 pytest.importorskip("spatialdata_io")
 
 from hyperst._constants import Key  # noqa: E402
-from hyperst.datasets._hest import hest, read_wsi  # noqa: E402
+from hyperst.datasets import hest, read_wsi  # noqa: E402
 from hyperst.datasets._visium import legacy, visium, visium_pixel_size  # noqa: E402
 
 BACKGROUND = 240

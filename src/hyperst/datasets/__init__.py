@@ -2,6 +2,8 @@
 
 - :func:`her2st`: the five Her2ST sections of ``../shared/data/her2st`` (legacy ST, 200 µm pitch);
 - :func:`hest`: samples of a HEST-1k download (pyramidal TIFF WSI, ``st/<id>.h5ad``, metadata);
+- :func:`read_slide` / :func:`read_wsi`: a scanner slide (``.svs``, pyramidal/OME TIFF; OpenSlide formats with
+  the ``slides`` extra) with its pixel size;
 - :func:`visium`: a Space Ranger output folder, through spatialdata-io;
 - :func:`legacy`: an AnnData with scanpy's ``.uns["spatial"]``, through spatialdata-io's converter;
 - :func:`synthetic`: a small SpatialData whose image regions drive known gene programs;
@@ -9,9 +11,10 @@
 """
 
 from hyperst.datasets._her2st import her2st
-from hyperst.datasets._hest import hest, read_wsi
+from hyperst.datasets._hest import hest
 from hyperst.datasets._shift import degrade
+from hyperst.datasets._slide import read_slide, read_wsi
 from hyperst.datasets._synthetic import synthetic
 from hyperst.datasets._visium import legacy, visium, visium_pixel_size
 
-__all__ = ["degrade", "her2st", "hest", "legacy", "read_wsi", "synthetic", "visium", "visium_pixel_size"]
+__all__ = ["degrade", "her2st", "hest", "legacy", "read_slide", "read_wsi", "synthetic", "visium", "visium_pixel_size"]

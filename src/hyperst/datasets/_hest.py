@@ -28,6 +28,7 @@ from scipy import sparse
 from hyperst._constants import Key
 from hyperst._logging import logger
 from hyperst._utils import spot_pitch
+from hyperst.datasets._slide import read_wsi
 from hyperst.datasets._utils import (
     combine_genes,
     image_key,
@@ -46,156 +47,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
     from spatialdata import SpatialData
 
-__all__ = ["hest", "read_wsi"]
+__all__ = ["hest"]
 
 #: HEST-1k sub-folders and file suffixes read for each sample.
 _PARTS: dict[str, tuple[str, str]] = {"wsi": ("wsis", ".tif"), "st": ("st", ".h5ad"), "metadata": ("metadata", ".json")}
-#: Smallest side (px) of the coarsest level built when a slide has no pyramid of its own.
-_MIN_LEVEL_SIZE = 256
-_MAX_EXTRA_LEVELS = 5
 #: Relative difference between estimated and embedded pixel sizes above which a warning is logged.
 _PIXEL_SIZE_TOLERANCE = 0.1
-
-
-# --------------------------------------------------------------------------------------------- whole-slide image
-def _tiff_pixel_size(page: Any) -> float | None:
-    """µm per pixel from the TIFF resolution tags of ``page`` (``None`` when absent or without a unit)."""
-    tags = page.tags
-    xres, unit = tags.get("XResolution"), tags.get("ResolutionUnit")
-    if xres is None or unit is None:
-        return None
-    value = xres.value
-    try:
-        per_unit = float(value[0]) / float(value[1]) if isinstance(value, tuple) else float(value)
-    except (TypeError, ValueError, ZeroDivisionError):
-        return None
-    um_per_unit = {2: 25_400.0, 3: 10_000.0}.get(int(unit.value))  # 2: inch, 3: centimetre; 1: no unit
-    if um_per_unit is None or not np.isfinite(per_unit) or per_unit <= 0:
-        return None
-    return um_per_unit / per_unit
-
-
-def _level_coords(n: int, full: int) -> np.ndarray:
-    """Pixel-centre coordinates of a level with ``n`` pixels along an axis of ``full`` level-0 pixels."""
-    return np.linspace(0.0, full, n + 1)[:-1] + full / n / 2
-
-
-def _as_cyx(level: Any, file: Path, axes: str) -> Any:
-    """Turn a dask level ``(…, y, x, s)`` into ``(c=3, y, x)`` uint8, dropping an alpha channel."""
-    while level.ndim > 3 and level.shape[0] == 1:
-        level = level[0]
-    if level.ndim != 3 or level.shape[-1] not in (3, 4):
-        raise ValueError(
-            f"{file} holds an image of shape {tuple(level.shape)} (axes {axes!r}); hyperst needs an RGB H&E image "
-            "(y, x, 3 samples per pixel)."
-        )
-    if level.dtype != np.uint8:
-        raise ValueError(f"{file} holds {level.dtype} pixels; hyperst needs 8-bit RGB (uint8).")
-    return level[..., :3].transpose(2, 0, 1)
-
-
-def read_wsi(
-    file: str | Path,
-    *,
-    coordinate_system: str,
-    multiscale: bool = True,
-    chunks: int | tuple[int, int, int] | None = 1024,
-) -> tuple[Any, float | None]:
-    """Open a (pyramidal) TIFF whole-slide image lazily as a spatialdata RGB image.
-
-    Every pyramid level stored in the file (``tifffile``'s ``series[0].levels``: SubIFDs or reduced-resolution
-    pages such as those written by libvips) becomes one level of a multiscale :class:`xarray.DataTree`
-    (``scale0`` = full resolution), backed by a dask array that reads tiles through ``tifffile``'s zarr store:
-    nothing is decoded until used. Level ``i`` is related to level 0 by the ratio of their shapes.
-
-    Parameters
-    ----------
-    file
-        The TIFF file.
-    coordinate_system
-        Name of the coordinate system the image is registered to (``Identity``: level-0 pixels).
-    multiscale
-        If ``True``, return a :class:`xarray.DataTree` with the file's levels (levels downscaled by 2 are built
-        lazily when the file has no pyramid); if ``False``, a :class:`xarray.DataArray` of level 0 only.
-    chunks
-        Dask chunk size in pixels per side (or a ``(c, y, x)`` tuple); ``None`` keeps the TIFF tiles as chunks.
-
-    Returns
-    -------
-    The image element and the pixel size in µm per level-0 pixel from the TIFF resolution tags (``None`` when
-    the file does not record one).
-
-    Raises
-    ------
-    FileNotFoundError
-        If ``file`` does not exist.
-    ValueError
-        If the file is not an 8-bit RGB(A) image.
-    """
-    import dask.array as da
-    import tifffile
-    import zarr
-    from spatialdata.models import Image2DModel
-    from spatialdata.transformations import Identity, set_transformation
-    from xarray import DataArray, Dataset, DataTree
-
-    file = Path(file)
-    if not file.is_file():
-        raise FileNotFoundError(f"Whole-slide image {str(file)!r} does not exist.")
-    chunks_ = normalise_chunks(chunks)
-    with tifffile.TiffFile(file) as tif:
-        if not tif.series:
-            raise ValueError(f"{file} holds no image.")
-        series = tif.series[0]
-        axes = series.axes
-        n_levels = len(series.levels)
-        embedded = _tiff_pixel_size(series.keyframe)
-    group = zarr.open(tifffile.imread(file, aszarr=True, series=0), mode="r")
-    paths = [str(i) for i in range(n_levels)] if n_levels > 1 else [None]
-    raw_levels = [da.from_zarr(group if p is None else group[p]) for p in paths]
-    levels = [_as_cyx(level, file, axes) for level in raw_levels]
-    if chunks_ is not None:
-        levels = [level.rechunk((3, chunks_[1], chunks_[2])) for level in levels]
-    height, width = int(levels[0].shape[1]), int(levels[0].shape[2])
-    transformations = {coordinate_system: Identity()}
-
-    if not multiscale or len(levels) == 1:
-        n_extra = 0
-        if multiscale:
-            n_extra = int(np.clip(np.floor(np.log2(min(height, width) / _MIN_LEVEL_SIZE)), 0, _MAX_EXTRA_LEVELS))
-            logger.info(f"{file.name}: no pyramid in the file; building {n_extra} downscaled level(s) lazily")
-        return (
-            Image2DModel.parse(
-                levels[0],
-                dims=("c", "y", "x"),
-                c_coords=["r", "g", "b"],
-                transformations=transformations,
-                scale_factors=[2] * n_extra if n_extra else None,
-            ),
-            embedded,
-        )
-
-    tree = DataTree.from_dict(
-        {
-            f"scale{i}": Dataset(
-                {
-                    "image": DataArray(
-                        level,
-                        dims=("c", "y", "x"),
-                        coords={
-                            "c": ["r", "g", "b"],
-                            "y": _level_coords(int(level.shape[1]), height),
-                            "x": _level_coords(int(level.shape[2]), width),
-                        },
-                    )
-                }
-            )
-            for i, level in enumerate(levels)
-        }
-    )
-    set_transformation(tree, transformations, set_all=True)
-    Image2DModel().validate(tree)
-    return tree, embedded
 
 
 # --------------------------------------------------------------------------------------------- counts and metadata
