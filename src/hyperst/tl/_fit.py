@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -67,6 +68,7 @@ def fit(
     num_workers: int = 0,
     progress: bool = True,
     trainer_kwargs: Mapping[str, Any] | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
     key_added: str = Key.OBSM_IMAGE_SPOT,
 ) -> HyperST:
     """Train HyperST on spots with measured expression.
@@ -114,6 +116,13 @@ def fit(
         best-weight restoring use the validation loss; the same seed gives the same model on CPU.
     device, precision, devices, strategy, num_nodes, trainer_kwargs
         Where training runs (:class:`TrainerOptions`), e.g. ``devices=4, strategy="ddp"``.
+    checkpoint_dir
+        Folder for resumable training (:class:`TrainOptions`): the full training state is saved there after
+        every epoch, and calling ``fit`` again with the same data, settings and folder resumes where the
+        last run stopped (killed, interrupted or crashed) and ends with the same weights as an uninterrupted
+        run (CPU, same seed). Ctrl-C / SIGINT / SIGTERM during training stop it after the current batch,
+        with or without this folder: ``fit`` then returns the model with the best weights so far, marked
+        ``model.interrupted`` (and ``params["interrupted"]`` in the fit record), and logs a warning.
     key_added
         ``.obsm`` key of the image spot embedding written to each training table; the other streams go to
         ``f"{key_added}_niche"``, ``f"{key_added}_gene"`` and ``f"{key_added}_gene_niche"``. The default
@@ -135,7 +144,8 @@ def fit(
     """
     obsm_keys = _obsm_keys(key_added, reserved=(spot_key, niche_key, Key.OBSM_SPATIAL, Key.OBSM_NICHE_EXPRESSION))
     train = TrainOptions(max_epochs=max_epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                         patience=patience, seed=seed, num_workers=num_workers, progress=progress)
+                         patience=patience, seed=seed, num_workers=num_workers, progress=progress,
+                         checkpoint_dir=checkpoint_dir)
     hardware = TrainerOptions(device=device, precision=precision, devices=devices, strategy=strategy,
                               num_nodes=num_nodes, trainer_kwargs=trainer_kwargs)
     options = DataOptions(validation=validation, val_fraction=val_fraction, sample_key=sample_key, table_key=table_key,

@@ -461,7 +461,9 @@ class HyperST:
             options = replace(options, **overrides)
         hardware = hardware or TrainerOptions()
         reg = self._registered()
+        checkpoints = self._checkpoint_dir(options)
         records, masks = [], []
+        interrupted = None
         for k, net in enumerate(self.members):
             dm = self.datamodule(options, member=k)
             tag = f"member {k + 1}/{self.n_members}: " if self.n_members > 1 else ""
@@ -469,7 +471,12 @@ class HyperST:
             if dm.n_train < 2:
                 raise ValueError(f"Only {dm.n_train} training spots: the contrastive loss needs batches of at least 2.")
             module = self.image_model if self.image_model is not None else net
-            result = run_training(module, dm, replace(options, seed=options.seed + k), hardware)
+            result = None if checkpoints is None else checkpoints.finished(k, module)
+            if result is None:
+                result = run_training(module, dm, replace(options, seed=options.seed + k), hardware,
+                                      checkpoint_dir=None if checkpoints is None else checkpoints.member(k))
+                if checkpoints is not None and not result["interrupted"]:
+                    checkpoints.finish(k, module, result)
             records.append({
                 "member": k, "seed": options.seed + k, "validation": dm.split, "n_train": dm.n_train,
                 "n_val": dm.n_val,
@@ -478,6 +485,13 @@ class HyperST:
                 "history": result["history"],
             })
             masks.append(dm.val_mask)
+            if result.get("interrupted"):
+                interrupted = {"member": k, "signal": result.get("signal"), "epochs": result["epochs"]}
+                if k + 1 < self.n_members:
+                    logger.warning(f"training interrupted: the model keeps the {k + 1} member(s) trained so far "
+                                   f"of {self.n_members}")
+                    self.members = self.members[: k + 1]
+                break
         self.to(hardware.device)
         for net in self.members:
             net.eval()
@@ -498,10 +512,41 @@ class HyperST:
             "precision": hardware.precision,
             "min_tissue": self.data_options.min_tissue,
             "n_members": self.n_members,
+            "interrupted": interrupted is not None,
             "members": records,
         }
+        if interrupted is not None:
+            self.training["interruption"] = interrupted
+            if checkpoints is not None:
+                logger.warning(f"resume with the same data, settings and `checkpoint_dir={str(checkpoints.path)!r}`")
         self._calibrate(masks)
         return self
+
+    def _checkpoint_dir(self, options: TrainOptions) -> Any:
+        """The :class:`~hyperst.tl._checkpoint.CheckpointDir` of ``options.checkpoint_dir`` (``None`` without)."""
+        from dataclasses import asdict
+
+        from hyperst.tl._checkpoint import CheckpointDir, data_digest
+
+        if options.checkpoint_dir is None:
+            return None
+        reg = self._registered()
+        train = {k: v for k, v in asdict(options).items() if k not in ("progress", "num_workers", "checkpoint_dir")}
+        settings = {
+            **train, "mode": reg.mode, "n_members": self.n_members, "genes": list(self.genes),
+            "config": self.config.to_dict(), "backbone": self.backbone, "crop_geometry": self.crop_geometry,
+            "validation": _validation_record(self.data_options.validation),
+            "val_fraction": self.data_options.val_fraction,
+        }
+        spot = reg.spot if reg.mode == "frozen" else np.asarray(reg.spot.shape)
+        return CheckpointDir(options.checkpoint_dir, settings=settings,
+                             data=data_digest(spot, reg.niche if reg.mode == "frozen" else None, reg.targets,
+                                              reg.niche_targets, reg.samples.astype(str)))
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether the last training was stopped by SIGINT/SIGTERM (it keeps the best weights reached)."""
+        return bool(self.training.get("interrupted", False))
 
     def _calibrate(self, held_out: Sequence[np.ndarray]) -> None:
         """Fit the domain reference and the interval calibration on the members' validation spots."""
@@ -643,3 +688,15 @@ class HyperST:
         model.to(resolve_device(device))
         model.network.eval()
         return model
+
+
+def _validation_record(validation: Any) -> Any:
+    """``DataOptions.validation`` as JSON: names as they are, a mask as the SHA-256 of its bytes."""
+    import hashlib
+
+    if validation is None or isinstance(validation, str):
+        return validation
+    arr = np.asarray(validation)
+    if arr.dtype == bool:
+        return "mask:" + hashlib.sha256(np.packbits(arr).tobytes()).hexdigest()
+    return sorted(map(str, arr.ravel().tolist()))

@@ -7,6 +7,7 @@ groups, so each concern is spelled and validated once.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,12 @@ class TrainOptions:
         DataLoader workers.
     progress
         Show progress bars.
+    checkpoint_dir
+        Folder for resumable training: the training state is saved there after every epoch, and a run with
+        the same data and settings resumes from it (finished ensemble members are loaded, not retrained). A
+        killed run resumed this way ends with the weights the uninterrupted run would have (CPU, same seed).
+        ``None``: no checkpoints. SIGINT (Ctrl-C) or SIGTERM stops training in any case after the current
+        batch, keeping the best weights so far (the model is marked as interrupted).
     """
 
     max_epochs: int = 200
@@ -62,8 +69,12 @@ class TrainOptions:
     seed: int = 42
     num_workers: int = 0
     progress: bool = True
+    checkpoint_dir: str | os.PathLike[str] | None = None
 
     def __post_init__(self) -> None:
+        if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str | os.PathLike):
+            kind = type(self.checkpoint_dir).__name__
+            raise TypeError(f"`checkpoint_dir` must be a folder path or None, got {kind}.")
         _positive_int("max_epochs", self.max_epochs)
         _positive_int("batch_size", self.batch_size, minimum=2)
         _positive_float("lr", self.lr)
