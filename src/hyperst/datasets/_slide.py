@@ -406,8 +406,8 @@ def read_slide(
                            f"({info['pixel_size_source']}); using pixel_size={px:.4g}.")
     record = {"file": str(file), **info, "pixel_size": px, "pixel_size_source": source}
     h, w = record["file_levels"][0]
-    logger.info(f"{sample}: {record['format']} slide {w}×{h} px, {len(record['levels'])} level(s), {px:.4g} µm/px "
-                f"({source}); ignored: {record['ignored_series'] or 'nothing'}")
+    logger.info(f"{sample}: {record['format']} slide {w}×{h} px, {len(record['file_levels'])} level(s) in the file, "
+                f"{px:.4g} µm/px ({source}); ignored: {record['ignored_series'] or 'nothing'}")
     sdata = SpatialData(images={image_key(sample): element})
     sdata.attrs[Key.UNS] = {Key.ATTRS_SLIDE: {sample: record}}
     return sdata

@@ -16,6 +16,7 @@ otherwise.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -309,7 +310,11 @@ def _infer_sample(path: Path, counts_file: str) -> str:
         if ids is not None and len(ids):
             value = ids[0]
             return value.decode() if isinstance(value, bytes) else str(value)
-    raise ValueError(f"Cannot infer the sample name from {str(path / name)!r}; pass `sample`.")
+    # Space Ranger 1.x files carry no library id: name the sample after its folder (``<sample>/outs``)
+    folder = path.parent if path.name == "outs" else path
+    sample = re.sub(r"[^\w.-]", "_", folder.name) or "sample"
+    logger.info(f"{str(path / name)!r} names no sample; using the folder name {sample!r} (pass `sample` to choose)")
+    return sample
 
 
 def visium(
@@ -344,7 +349,7 @@ def visium(
         The Space Ranger ``outs`` folder.
     sample
         Sample name (element names and coordinate system); default: the ``<sample>_`` prefix of the counts file,
-        else the library id stored in it.
+        else the library id stored in it, else (Space Ranger 1.x) the folder's name.
     image
         Which image becomes ``f"{sample}_image"``: ``"fullres"``, ``"hires"``, ``"lowres"`` or ``"auto"`` (the
         finest one read).
