@@ -71,6 +71,42 @@ def test_image_features_writes_documented_keys_and_reuses(sdata, monkeypatch, tm
     np.testing.assert_allclose(table.obsm[Key.OBSM_FEATURES_SPOT], spot, rtol=1e-5, atol=1e-5)
 
 
+def test_edited_image_is_featurised_again_anywhere_it_changes(monkeypatch) -> None:
+    """The feature record holds a digest of the image: same spots, an edited corner → new features."""
+    import xarray as xr
+
+    from hyperst.pp._pyramid import image_fingerprint
+
+    sdata = hst.datasets.synthetic(n_samples=1, n_rows=3, n_cols=3, n_genes=8, seed=3)
+    hst.pp.image_features(sdata, **TINY)
+    table = sdata.tables["table"]
+    first = table.uns[Key.UNS][Key.UNS_FEATURES]["samples"]["sample0"]["image"]
+    calls = []
+    real = hst.pp._features.extract_features
+    monkeypatch.setattr("hyperst.pp._features.extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    hst.pp.image_features(sdata, **TINY)
+    assert calls == []  # unchanged: reused
+    from spatialdata.models import Image2DModel
+
+    key = next(k for k in sdata.images if "sample0" in k)
+    element = sdata.images[key]
+    assert isinstance(element, xr.DataArray)
+    img = np.array(element.values)
+    img[:, :40, :40] = 0  # a black corner, far from the centre
+    sdata.images[key] = Image2DModel.parse(img, dims=("c", "y", "x"), transformations=element.attrs["transform"])
+    hst.pp.image_features(sdata, **TINY)
+    assert calls  # recomputed
+    assert table.uns[Key.UNS][Key.UNS_FEATURES]["samples"]["sample0"]["image"] != first
+
+    # the digest of a large single-level image samples a grid of blocks over the whole image
+    big = np.full((3, 5000, 4000), 200, dtype=np.uint8)
+    digest = image_fingerprint(big)
+    big[:, -60:, -60:] = 0  # bottom-right corner
+    assert image_fingerprint(big) != digest
+    big[:, -60:, -60:] = 200
+    assert image_fingerprint(big) == digest
+
+
 def test_image_features_reused_after_h5ad_round_trip(sdata, monkeypatch, tmp_path) -> None:
     import anndata as ad
 

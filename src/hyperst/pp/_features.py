@@ -224,11 +224,18 @@ def crops(
     return out
 
 
-def _feature_record(spec: BackboneSpec, geom: CropGeometry, spots: Sequence[SampleSpots]) -> dict[str, Any]:
+def _feature_record(
+    spec: BackboneSpec, geom: CropGeometry, spots: Sequence[SampleSpots], sdata: SpatialData
+) -> dict[str, Any]:
+    """What the features depend on: backbone, crop geometry, and per slide the spots, pixel size and image.
+
+    Features are reused only when this record matches, so an edited image (same spots) is featurised again.
+    """
     return {
         "backbone": spec.to_dict(),
         "crop_geometry": geom.to_dict(),
-        "samples": {s.sample: {"n": s.n_spots, "centers": centers_hash(s.centers_px), "pixel_size": s.pixel_size}
+        "samples": {s.sample: {"n": s.n_spots, "centers": centers_hash(s.centers_px), "pixel_size": s.pixel_size,
+                               "image": image_fingerprint(sdata.images[s.image_key])}
                     for s in spots},
     }
 
@@ -328,7 +335,7 @@ def image_features(
         if weights is not None:
             spec.weights = str(weights)
     geom = _as_geometry(geometry, spots)
-    record = _feature_record(spec, geom, spots)
+    record = _feature_record(spec, geom, spots, sdata)
     if module is not None:
         record["backbone"]["adapters"] = _adapter_digest(module)
     uns = table.uns.setdefault(Key.UNS, {})

@@ -311,9 +311,12 @@ class ImagePyramid:
 
 
 def image_fingerprint(image: Any) -> str:
-    """Cheap identity of an image for cache keys: level shapes, dtype and a hash of a central block.
+    """Identity of an image for cache keys and feature records: level shapes, dtype and pixels.
 
-    Only a block of at most 128 × 128 pixels at the centre of the coarsest level is read.
+    Every pixel of the coarsest level is hashed when it has at most 16 M pixels (the thumbnail of a pyramid,
+    or a low-resolution image), else an 8 × 8 grid of 128 × 128 blocks spread over it (corners and centre
+    included), so an edit anywhere in the slide changes the digest, not only one at its centre. For a large
+    single-level image an edit smaller than the gaps between the blocks can go unseen.
 
     Parameters
     ----------
@@ -327,9 +330,19 @@ def image_fingerprint(image: Any) -> str:
     pyr = ImagePyramid(image)
     lvl = pyr.levels[-1]
     h, w = lvl.shape
-    y0, x0 = max(h // 2 - 64, 0), max(w // 2 - 64, 0)
-    block = pyr.read_region(lvl.index, y0, min(y0 + 128, h), x0, min(x0 + 128, w))
     m = hashlib.sha256()
     m.update(repr([(lv.shape, pyr.n_channels) for lv in pyr.levels]).encode())
-    m.update(block.tobytes())
+    if h * w <= _FINGERPRINT_FULL_PIXELS:
+        for y0 in range(0, h, 1024):  # row strips: bounded memory
+            m.update(pyr.read_region(lvl.index, y0, min(y0 + 1024, h), 0, w).tobytes())
+        return m.hexdigest()[:24]
+    by, bx = min(_FINGERPRINT_BLOCK, h), min(_FINGERPRINT_BLOCK, w)
+    for y0 in np.linspace(0, h - by, _FINGERPRINT_GRID).astype(int):
+        for x0 in np.linspace(0, w - bx, _FINGERPRINT_GRID).astype(int):
+            m.update(pyr.read_region(lvl.index, int(y0), int(y0) + by, int(x0), int(x0) + bx).tobytes())
     return m.hexdigest()[:24]
+
+
+_FINGERPRINT_FULL_PIXELS = 16 * 1024 * 1024
+_FINGERPRINT_GRID = 8
+_FINGERPRINT_BLOCK = 128

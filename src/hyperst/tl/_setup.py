@@ -169,8 +169,10 @@ def register(
         _ensure_features(items, options, image, device=device, progress=progress)
         parts = [Part(a, np.arange(a.n_obs), a) for a in tables(items, options.table_key)]
         crop_arrays = None
+    _check_spot_counts(parts, "")
     if options.min_tissue is not None:
         parts, crop_arrays = _tissue_filter(parts, crop_arrays, options.min_tissue)
+        _check_spot_counts(parts, f" with a tissue fraction ≥ `min_tissue={options.min_tissue}`")
     adatas = [p.data for p in parts]
     genes = _genes(adatas, genes, options)
     y = target_matrix(adatas, genes, options)
@@ -190,6 +192,19 @@ def register(
         coords=_coords(adatas), spot=spot, niche=niche, backbone=backbone, crop_geometry=crop_record,
         spot_geometry=spot_geometry,
     )
+
+
+def _check_spot_counts(parts: Sequence[Part], which: str) -> None:
+    """Refuse empty training tables and fewer than two spots (the contrastive loss compares spots of a batch)."""
+    where = "`data`" if len(parts) == 1 else "`data[{}]`"
+    for i, p in enumerate(parts):
+        if len(p.rows) == 0:
+            raise ValueError(f"{where.format(i)} has no spots{which}: nothing to train on. Drop this table, or "
+                             "check the subset you passed.")
+    n = sum(len(p.rows) for p in parts)
+    if n < 2:
+        raise ValueError(f"`data` has {n} spot{which}: training needs at least 2 (the contrastive loss compares "
+                         "the spots of a batch), and a useful model hundreds.")
 
 
 def _genes(adatas: list[AnnData], genes: Sequence[str] | None, options: DataOptions) -> list[str]:
