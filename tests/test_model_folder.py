@@ -152,3 +152,36 @@ def test_gene_string_and_empty_prediction_are_clear_errors(slides, saved) -> Non
     model = hst.tl.HyperST.load(saved)
     with pytest.raises(ValueError, match="has no spots"):
         hst.tl.predict(model, slides[3][:0].copy())
+
+
+def test_failed_multi_sample_fit_leaves_every_spatialdata_as_a_deep_copy(monkeypatch, one_thread) -> None:
+    """Features computed for the first SpatialData, then the second fails: both end as they began."""
+    import copy
+
+    real, done = hst.pp.image_features, []
+
+    def spy(sdata, **kwargs):
+        out = real(sdata, **kwargs)
+        done.append(Key.OBSM_FEATURES_SPOT in out.obsm)
+        return out
+
+    monkeypatch.setattr(hst.pp, "image_features", spy)
+
+    first = hst.datasets.synthetic(n_samples=1, n_rows=4, n_cols=4, n_genes=6, seed=0)
+    second = hst.datasets.synthetic(n_samples=1, n_rows=4, n_cols=4, n_genes=6, seed=1)
+    second.tables["table"].uns["spatialdata_attrs"]["region"] = "spots_typo"  # fails in resolve_spots
+    before = [copy.deepcopy(first), copy.deepcopy(second)]
+    with pytest.raises(ValueError, match="spots_typo"):
+        hst.tl.fit([first, second], backbone="resnet10t", random_init=True, progress=False, max_epochs=1)
+    assert done == [True]  # the first SpatialData had its features when the second failed
+    for sd, ref in zip((first, second), before, strict=True):
+        assert sorted(sd.images) == sorted(ref.images)
+        assert sorted(sd.shapes) == sorted(ref.shapes)
+        assert sorted(sd.tables) == sorted(ref.tables)
+        t, r = sd.tables["table"], ref.tables["table"]
+        assert t.obs.equals(r.obs)
+        for attr in ("obsm", "obsp", "layers", "varm"):
+            assert set(getattr(t, attr).keys()) == set(getattr(r, attr).keys()), attr
+        assert set(t.uns) == set(r.uns)
+        assert t.uns[Key.UNS] == r.uns[Key.UNS]  # no feature or colour record left behind
+        assert Key.OBSM_FEATURES_SPOT not in t.obsm
