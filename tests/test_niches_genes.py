@@ -174,6 +174,54 @@ def test_niche_expression_by_hand() -> None:
     np.testing.assert_allclose(out.obsm[Key.OBSM_NICHE_EXPRESSION][:, 0], e[:, 1], atol=1e-6)
 
 
+def test_niches_on_prediction_tables_use_the_count_scale() -> None:
+    # 3×3 ST grid; hst.tl.predict's table: prediction (log2(1 + counts)) in .X, or counts in .X and the
+    # prediction in a layer. The niche mean is taken over 2**x - 1, the counts the prediction stands for.
+    k = np.arange(9, dtype=np.float64)
+    counts = np.column_stack([k, k**2])
+    logs = np.log2(1 + counts).astype(np.float32)
+    he_only = _grid_adata(3)
+    he_only.X = logs.copy()
+    he_only.uns[Key.UNS] = {Key.UNS_PREDICT: {"layer": "X"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "non-integer values" warning: they are not read as counts
+        niches(he_only)
+    ref = _grid_adata(3)
+    ref.X = counts.astype(np.float32)
+    niches(ref)
+    np.testing.assert_allclose(he_only.obsm[Key.OBSM_NICHE_EXPRESSION], ref.obsm[Key.OBSM_NICHE_EXPRESSION],
+                               rtol=1e-5)
+    # centre spot 4: niche = all 9 spots -> mean a = 4, mean b = 204/9 (as for the counts themselves)
+    np.testing.assert_allclose(he_only.obsm[Key.OBSM_NICHE_EXPRESSION][4], [np.log2(5.0), np.log2(1 + 204 / 9)],
+                               rtol=1e-5)
+    assert he_only.uns[Key.UNS][Key.UNS_NICHES]["scale"] == "log2p1"
+    # counts in .X, prediction in a layer: .X is read as counts, the layer on the log scale
+    both = _grid_adata(3)
+    both.X = counts.astype(np.float32)
+    both.layers[Key.LAYER_PRED] = sparse.csr_matrix(logs)
+    both.layers[Key.LAYER_STD] = np.ones_like(logs)
+    both.uns[Key.UNS] = {Key.UNS_PREDICT: {"layer": Key.LAYER_PRED}}
+    out = niches(both, copy=True)
+    assert out.uns[Key.UNS][Key.UNS_NICHES]["scale"] == "counts"
+    np.testing.assert_allclose(out.obsm[Key.OBSM_NICHE_EXPRESSION], ref.obsm[Key.OBSM_NICHE_EXPRESSION], rtol=1e-6)
+    out = niches(both, layer=Key.LAYER_PRED, copy=True)
+    assert out.uns[Key.UNS][Key.UNS_NICHES]["scale"] == "log2p1"
+    np.testing.assert_allclose(out.obsm[Key.OBSM_NICHE_EXPRESSION], ref.obsm[Key.OBSM_NICHE_EXPRESSION], rtol=1e-5)
+    # forcing the scale on any table; wrong inputs name the fix
+    plain = _grid_adata(3)
+    plain.X = logs.copy()
+    out = niches(plain, scale="log2p1", copy=True)
+    np.testing.assert_allclose(out.obsm[Key.OBSM_NICHE_EXPRESSION], ref.obsm[Key.OBSM_NICHE_EXPRESSION], rtol=1e-5)
+    with pytest.raises(ValueError, match="standard deviation"):
+        niches(both, layer=Key.LAYER_STD)
+    plain.X[0, 0] = -0.5
+    with pytest.raises(ValueError, match="log2\\(1 \\+ counts\\) values are finite and ≥ 0"):
+        niches(plain, scale="log2p1")
+    with pytest.raises(ValueError, match="`scale` must be"):
+        niches(plain, scale="log")
+    assert Key.OBSM_NICHE_EXPRESSION not in plain.obsm
+
+
 def test_aggregate_niches_by_hand() -> None:
     # path 0 - 1 - 2, spot 3 alone; weights (as squidpy's) and a stored self loop do not matter
     counts = np.array([[2.0, 0.0], [4.0, 3.0], [9.0, 0.0], [5.0, 1.0]], dtype=np.float32)

@@ -20,6 +20,7 @@ from hyperst.pl._utils import (
     map_values,
     observed,
     prediction,
+    prediction_table,
     shared_norm,
 )
 
@@ -27,18 +28,20 @@ if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+    from spatialdata import SpatialData
 
 __all__ = ["scatter", "spatial"]
 
 
 @doc_figure(None)
 def spatial(
-    adata_pred: AnnData,
+    adata_pred: AnnData | SpatialData,
     genes: str | Sequence[str],
     *,
+    table_key: str = Key.TABLE_PREDICTION,
     truth: AnnData | None = None,
-    image: np.ndarray | None = None,
-    scale_factor: float = 1.0,
+    image: np.ndarray | Literal[False] | None = None,
+    scale_factor: float | None = None,
     spot_size: float | None = None,
     layer: str | None = "auto",
     truth_layer: str | None = None,
@@ -55,28 +58,33 @@ def spatial(
     """Maps of predicted and observed expression, side by side, for each gene.
 
     Each gene gets a pair of panels (predicted, observed) with spots drawn as circles at
-    ``.obsm["spatial"]`` over the H&E ``image`` (when given). Both panels of a gene share one colour scale
-    (the minimum and maximum over predicted and observed), on the log2(1 + counts) scale: the prediction
-    is already on it and the measured counts are transformed with log2(1 + x). The predicted panel's title
-    gives the Pearson r over the plotted spots.
+    ``.obsm["spatial"]`` over the H&E (``image``; found in the data by default). Both panels of a gene
+    share one colour scale (the minimum and maximum over predicted and observed), on the log2(1 + counts)
+    scale: the prediction is already on it and the measured counts are transformed with log2(1 + x). The
+    predicted panel's title gives the Pearson r over the plotted spots.
 
     Parameters
     ----------
     adata_pred
-        Output of :func:`hyperst.tl.predict` (spots × model genes) with ``.obsm["spatial"]`` (level-0 pixel
-        coordinates, x = column, y = row).
+        Output of :func:`hyperst.tl.predict` (spots × model genes) with ``.obsm["spatial"]`` (x = column,
+        y = row), or a SpatialData holding it (``table_key``): the H&E is then found from the table.
     genes
         One gene or a list of genes to plot, one row of panels each.
+    table_key
+        With a SpatialData: the prediction table (``key_added`` of :func:`hyperst.tl.predict`).
     truth
         Measured counts with the same spots (``obs_names``) as ``adata_pred``. Default: the measured counts
         :func:`hyperst.tl.predict` kept in ``adata_pred.X`` when the prediction is in
         ``.layers["hyperst_pred"]``; without either, only the prediction is drawn.
     image
-        H&E image as an (H, W, 3) array (uint8, or float in [0, 1]) or a ("c", "y", "x") DataArray, drawn
-        under the spots. Pass a downscaled level together with ``scale_factor`` for large slides.
+        H&E drawn under the spots: an (H, W, 3) array (uint8, or float in [0, 1]) or a ("c", "y", "x")
+        DataArray (with ``scale_factor`` for a downscaled level), ``False`` for none, or ``None`` (default)
+        to find it: the ``"hires"`` image of ``.uns["spatial"][sample]`` that :func:`hyperst.tl.predict`
+        writes for SpatialData (or a reader's), else, for a SpatialData, a thumbnail of the image recorded in
+        ``.uns["hyperst"]["spots"][sample]["image_key"]``.
     scale_factor
-        Factor from ``.obsm["spatial"]`` (level-0 pixels) to ``image`` pixels, e.g. ``0.25`` for level 2 of
-        a multiscale image with factor 2 per level.
+        Factor from ``.obsm["spatial"]`` to the pixels of the ``image`` you pass (default 1), e.g. ``0.25``
+        for level 2 of a multiscale image with factor 2 per level; found with the image otherwise.
     spot_size
         Spot diameter in ``.obsm["spatial"]`` units. Default: the diameter recorded in
         ``.uns["hyperst"]["spots"]`` (of ``truth`` or ``adata_pred``), else 0.8 × the spot pitch.
@@ -111,12 +119,14 @@ def spatial(
         For unknown genes or layers, misaligned ``truth``, missing ``.obsm["spatial"]``, several samples
         without ``sample``, or a malformed ``image``.
     """
+    adata_pred, sdata = prediction_table(adata_pred, table_key)
     genes = as_list(genes, "genes")
     if ncols < 1:
         raise ValueError(f"`ncols` must be at least 1, got {ncols}.")
     pred, obs, frame = map_values(
         adata_pred, genes, truth=truth, layer=layer, truth_layer=truth_layer, truth_transform=truth_transform,
         image=image, scale_factor=scale_factor, spot_size=spot_size, sample=sample, sample_key=sample_key,
+        sdata=sdata,
     )
     r = pearson_per_gene(obs, pred) if obs is not None else None
 

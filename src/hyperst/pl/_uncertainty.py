@@ -28,6 +28,7 @@ from hyperst.pl._utils import (
     map_values,
     outline_spots,
     predict_record,
+    prediction_table,
     shared_norm,
     values_of,
 )
@@ -36,6 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+    from spatialdata import SpatialData
 
 __all__ = ["intervals", "reliability"]
 
@@ -169,12 +171,13 @@ def _flag_legend(fig: Figure, flags: np.ndarray | None) -> None:
 # ---------------------------------------------------------------------------------------------- intervals
 @doc_figure(None)
 def intervals(
-    adata_pred: AnnData,
+    adata_pred: AnnData | SpatialData,
     genes: str | Sequence[str],
     *,
+    table_key: str = Key.TABLE_PREDICTION,
     truth: AnnData | None = None,
-    image: np.ndarray | None = None,
-    scale_factor: float = 1.0,
+    image: np.ndarray | Literal[False] | None = None,
+    scale_factor: float | None = None,
     spot_size: float | None = None,
     layer: str | None = "auto",
     truth_layer: str | None = None,
@@ -194,16 +197,19 @@ def intervals(
     Each gene gets a row of panels: predicted, lower end, upper end of the prediction interval that
     :func:`hyperst.tl.predict` writes (coverage 1 − α, ``.layers["hyperst_lower"]`` and
     ``["hyperst_upper"]``) and, when measured counts are available, observed — drawn as in
-    :func:`spatial`: spots at ``.obsm["spatial"]`` over the H&E ``image`` (when given). The panels of a gene
-    share one colour scale (log2(1 + counts)), so a spot reads darker on the lower map and brighter on the
-    upper map by the width of its interval. The predicted panel's title gives the Pearson r, the observed
-    panel's the fraction of spots whose measured value lies inside the interval. Spots flagged out of
-    distribution (``.obs["hyperst_ood"]``) are ringed on every panel.
+    :func:`spatial`: spots at ``.obsm["spatial"]`` over the H&E (``image``; found in the data by default).
+    The panels of a gene share one colour scale (log2(1 + counts)), so a spot reads darker on the lower map
+    and brighter on the upper map by the width of its interval. The predicted panel's title gives the
+    Pearson r, the observed panel's the fraction of spots whose measured value lies inside the interval.
+    Spots flagged out of distribution (``.obs["hyperst_ood"]``) are ringed on every panel.
 
     Parameters
     ----------
     adata_pred
-        Output of :func:`hyperst.tl.predict` with prediction intervals and ``.obsm["spatial"]``.
+        Output of :func:`hyperst.tl.predict` with prediction intervals and ``.obsm["spatial"]``, or a
+        SpatialData holding it (``table_key``; its H&E is then found from the table).
+    table_key
+        With a SpatialData: the prediction table (``key_added`` of :func:`hyperst.tl.predict`).
     genes
         One gene or a list of genes, one row of panels each.
     truth
@@ -211,9 +217,14 @@ def intervals(
         :func:`hyperst.tl.predict` kept in ``adata_pred.X`` when the prediction is in
         ``.layers["hyperst_pred"]``; without either, no observed panel is drawn.
     image
-        H&E image as an (H, W, 3) array (uint8, or float in [0, 1]) or a ("c", "y", "x") DataArray.
+        H&E drawn under the spots: an (H, W, 3) array (uint8, or float in [0, 1]) or a ("c", "y", "x")
+        DataArray (with ``scale_factor`` for a downscaled level), ``False`` for none, or ``None`` (default)
+        to find it: the ``"hires"`` image of ``.uns["spatial"][sample]`` that :func:`hyperst.tl.predict`
+        writes for SpatialData (or a reader's), else, for a SpatialData, a thumbnail of the image recorded in
+        ``.uns["hyperst"]["spots"][sample]["image_key"]``.
     scale_factor
-        Factor from ``.obsm["spatial"]`` (level-0 pixels) to ``image`` pixels.
+        Factor from ``.obsm["spatial"]`` to the pixels of the ``image`` you pass (default 1), e.g. ``0.25``
+        for level 2 of a multiscale image with factor 2 per level; found with the image otherwise.
     spot_size
         Spot diameter in ``.obsm["spatial"]`` units. Default: the recorded diameter, else 0.8 × the pitch.
     layer
@@ -248,12 +259,14 @@ def intervals(
     ValueError
         When ``adata_pred`` has no interval layers, and for the errors of :func:`spatial`.
     """
+    adata_pred, sdata = prediction_table(adata_pred, table_key)
     genes = as_list(genes, "genes")
     if ncols < 1:
         raise ValueError(f"`ncols` must be at least 1, got {ncols}.")
     pred, obs, frame = map_values(  # checks the genes first
         adata_pred, genes, truth=truth, layer=layer, truth_layer=truth_layer, truth_transform=truth_transform,
         image=image, scale_factor=scale_factor, spot_size=spot_size, sample=sample, sample_key=sample_key,
+        sdata=sdata,
     )
     m = frame.mask
     lower, upper = _interval_layers(adata_pred, genes)
@@ -330,11 +343,12 @@ def _colorbar_threshold(cbar: Any, threshold: float, norm: Normalize) -> None:
 
 @doc_figure(None)
 def reliability(
-    adata_pred: AnnData,
+    adata_pred: AnnData | SpatialData,
     *,
+    table_key: str = Key.TABLE_PREDICTION,
     truth: AnnData | None = None,
-    image: np.ndarray | None = None,
-    scale_factor: float = 1.0,
+    image: np.ndarray | Literal[False] | None = None,
+    scale_factor: float | None = None,
     spot_size: float | None = None,
     layer: str | None = "auto",
     truth_layer: str | None = None,
@@ -368,14 +382,22 @@ def reliability(
     Parameters
     ----------
     adata_pred
-        Output of :func:`hyperst.tl.predict` with prediction intervals and ``.obsm["spatial"]``.
+        Output of :func:`hyperst.tl.predict` with prediction intervals and ``.obsm["spatial"]``, or a
+        SpatialData holding it (``table_key``; its H&E is then found from the table).
+    table_key
+        With a SpatialData: the prediction table (``key_added`` of :func:`hyperst.tl.predict`).
     truth
         Measured counts with the same spots (``obs_names``) and all genes of ``adata_pred``. Default: the
         counts :func:`hyperst.tl.predict` kept in ``adata_pred.X`` when the prediction is in a layer.
     image
-        H&E image as an (H, W, 3) array (uint8, or float in [0, 1]) or a ("c", "y", "x") DataArray.
+        H&E drawn under the spots: an (H, W, 3) array (uint8, or float in [0, 1]) or a ("c", "y", "x")
+        DataArray (with ``scale_factor`` for a downscaled level), ``False`` for none, or ``None`` (default)
+        to find it: the ``"hires"`` image of ``.uns["spatial"][sample]`` that :func:`hyperst.tl.predict`
+        writes for SpatialData (or a reader's), else, for a SpatialData, a thumbnail of the image recorded in
+        ``.uns["hyperst"]["spots"][sample]["image_key"]``.
     scale_factor
-        Factor from ``.obsm["spatial"]`` (level-0 pixels) to ``image`` pixels.
+        Factor from ``.obsm["spatial"]`` to the pixels of the ``image`` you pass (default 1), e.g. ``0.25``
+        for level 2 of a multiscale image with factor 2 per level; found with the image otherwise.
     spot_size
         Spot diameter in ``.obsm["spatial"]`` units. Default: the recorded diameter, else 0.8 × the pitch.
     layer
@@ -410,6 +432,7 @@ def reliability(
     """
     if isinstance(bins, bool) or not isinstance(bins, int | np.integer) or bins < 1:
         raise ValueError(f"`bins` must be a positive integer, got {bins!r}.")
+    adata_pred, sdata = prediction_table(adata_pred, table_key)
     genes = [str(g) for g in adata_pred.var_names]
     uncertainty = _obs_column(adata_pred, Key.OBS_UNCERTAINTY, "per-spot uncertainty", NO_INTERVALS)
     lower, upper = _interval_layers(adata_pred, genes)
@@ -419,6 +442,7 @@ def reliability(
     pred, obs, frame = map_values(
         adata_pred, genes, truth=truth, layer=layer, truth_layer=truth_layer, truth_transform=truth_transform,
         image=image, scale_factor=scale_factor, spot_size=spot_size, sample=sample, sample_key=sample_key,
+        sdata=sdata,
     )
     m = frame.mask
     uncertainty = uncertainty[m]

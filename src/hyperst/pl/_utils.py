@@ -314,27 +314,107 @@ class SpotFrame:
         return width * aspect + title
 
 
+def prediction_table(data: Any, table_key: str) -> tuple[AnnData, Any]:
+    """The prediction table of ``data`` (an AnnData, or ``sdata.tables[table_key]``) and the SpatialData or ``None``."""
+    from anndata import AnnData
+
+    if isinstance(data, AnnData):
+        return data, None
+    tables = getattr(data, "tables", None)
+    if tables is None or not hasattr(data, "images"):
+        raise TypeError(
+            "`adata_pred` must be the AnnData of hst.tl.predict or a SpatialData holding it, got "
+            f"{type(data).__name__}."
+        )
+    if table_key not in tables:
+        raise ValueError(
+            f"`table_key={table_key!r}` is not a table of the SpatialData; tables: {sorted(tables.keys())}. Pass the "
+            "`key_added` that hst.tl.predict used."
+        )
+    return tables[table_key], data
+
+
+def _legacy_image(adata: AnnData, sample: str | None) -> tuple[np.ndarray, float] | None:
+    """The H&E of ``.uns["spatial"][sample]`` (hires, else lowres) and its pixels per ``.obsm["spatial"]`` unit."""
+    legacy = adata.uns.get(Key.UNS_SPATIAL)
+    if not isinstance(legacy, Mapping) or not legacy:
+        return None
+    if sample is not None and str(sample) in legacy:
+        entry = legacy[str(sample)]
+    elif len(legacy) == 1 and sample is None:
+        entry = next(iter(legacy.values()))
+    else:
+        return None
+    images = entry.get(Key.SPATIAL_IMAGES, {}) if isinstance(entry, Mapping) else {}
+    factors = entry.get(Key.SPATIAL_SCALEFACTORS, {}) if isinstance(entry, Mapping) else {}
+    for res, factor in ((Key.SPATIAL_HIRES, Key.SCALEF_HIRES), (Key.SPATIAL_LOWRES, Key.SCALEF_LOWRES)):
+        if res in images and factors.get(factor):
+            return image_array(images[res]), float(factors[factor])
+    return None
+
+
+def _recorded_image(adata: AnnData, sdata: Any, sample: str | None) -> tuple[np.ndarray, float] | None:
+    """A thumbnail of the image :func:`hyperst.tl.predict` recorded for ``sample`` and its scale, from ``sdata``."""
+    from hyperst.pp._pyramid import thumbnail
+
+    block = adata.uns.get(Key.UNS, {})
+    spots = block.get(Key.UNS_SPOTS, {}) if isinstance(block, Mapping) else {}
+    if not isinstance(spots, Mapping):
+        return None
+    meta = spots.get(sample) if sample is not None else (next(iter(spots.values())) if len(spots) == 1 else None)
+    if not isinstance(meta, Mapping) or meta.get("image_key") not in sdata.images or not meta.get("image_scale"):
+        return None
+    rgb, scale = thumbnail(sdata.images[meta["image_key"]], max_side=2000)
+    return rgb, scale * float(meta["image_scale"])
+
+
 def spot_frame(
     adata_pred: AnnData,
     *,
     truth: AnnData | None,
     image: Any,
-    scale_factor: float,
+    scale_factor: float | None,
     spot_size: float | None,
     sample: str | None,
     sample_key: str,
+    sdata: Any = None,
 ) -> SpotFrame:
-    """Resolve image, sample, spot centres and spot size of a map of ``adata_pred`` (checks each argument)."""
-    if not scale_factor > 0:
+    """Resolve image, sample, spot centres and spot size of a map of ``adata_pred`` (checks each argument).
+
+    ``image=None`` finds the H&E: ``.uns["spatial"][sample]`` of the table (hires, else lowres, with its
+    scale factor), else, with ``sdata``, the image recorded in ``.uns["hyperst"]["spots"][sample]``
+    (``"image_key"``, ``"image_scale"``; a thumbnail of at most 2000 pixels a side); ``image=False`` draws none.
+    """
+    if scale_factor is not None and (image is None or image is False):
+        raise ValueError(
+            "`scale_factor` goes with an `image=` you pass (it maps `.obsm['spatial']` to that image's pixels); "
+            "leave it None when the image is found in the data."
+        )
+    if scale_factor is None:
+        scale_factor = 1.0
+    if isinstance(scale_factor, bool) or not scale_factor > 0:
         raise ValueError(f"`scale_factor` must be positive, got {scale_factor}.")
-    img = image_array(image)
+    img = None if image is None or image is False else image_array(image)
     if Key.OBSM_SPATIAL not in adata_pred.obsm:
         raise ValueError(
             f"`adata_pred` has no spot coordinates in `.obsm[{Key.OBSM_SPATIAL!r}]`: predict on a table that has "
             "them (hst.tl.predict copies them)."
         )
     xy_all = np.asarray(adata_pred.obsm[Key.OBSM_SPATIAL], dtype=np.float64)[:, :2]
-    mask, sample_name = sample_mask([adata_pred, truth], adata_pred.n_obs, sample, sample_key, img is not None)
+    mask, sample_name = sample_mask(
+        [adata_pred, truth], adata_pred.n_obs, sample, sample_key, image is not False and image is not None
+    )
+    if image is None:
+        found = _legacy_image(adata_pred, sample_name)
+        if found is None and sdata is not None:
+            found = _recorded_image(adata_pred, sdata, sample_name)
+            if found is None:
+                logger.warning(
+                    f"no H&E found for sample {sample_name!r}: the table has no `.uns[{Key.UNS_SPATIAL!r}]` entry "
+                    "or recorded image (hst.tl.predict writes both); pass `image=` and `scale_factor=`."
+                )
+        if found is not None:
+            img, scale_factor = found
     xy = xy_all[mask]
     if not len(xy):
         raise ValueError("No spots to plot.")
@@ -353,10 +433,11 @@ def map_values(
     truth_layer: str | None,
     truth_transform: str,
     image: Any,
-    scale_factor: float,
+    scale_factor: float | None,
     spot_size: float | None,
     sample: str | None,
     sample_key: str,
+    sdata: Any = None,
 ) -> tuple[np.ndarray, np.ndarray | None, SpotFrame]:
     """What a map of predicted (and observed) expression draws: both ``(n_drawn, G)`` and the spot frame.
 
@@ -371,7 +452,7 @@ def map_values(
         adata_pred, genes, truth=truth, pred_layer=pred_layer, truth_layer=truth_layer, truth_transform=truth_transform
     )
     frame = spot_frame(adata_pred, truth=truth, image=image, scale_factor=scale_factor, spot_size=spot_size,
-                       sample=sample, sample_key=sample_key)
+                       sample=sample, sample_key=sample_key, sdata=sdata)
     return pred[frame.mask], None if obs is None else obs[frame.mask], frame
 
 

@@ -20,7 +20,7 @@ squidpy/scanpy tools that take a ``connectivity_key`` can use it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -60,6 +60,7 @@ def niches(
     layer: str | None = None,
     genes: Sequence[str] | None = None,
     incomplete: Literal["keep", "drop", "mark"] = "keep",
+    scale: Literal["auto", "counts", "log2p1"] = "auto",
     copy: bool = False,
 ) -> AnnData | None:
     """Build the niche of every spot and its niche expression.
@@ -119,9 +120,18 @@ def niches(
         ``obs`` column naming the sample of each spot; graphs never connect different samples (a given
         graph that does is used as it is, with a warning).
     layer
-        Layer holding the raw counts; ``None`` uses ``.X``.
+        Layer holding the raw counts (or, see ``scale``, the log2(1 + counts) values); ``None`` uses ``.X``.
     genes
         Genes of the niche expression, in column order; ``None`` uses all genes.
+    scale
+        What the values in ``.X``/``layer`` are. ``"counts"``: raw counts. ``"log2p1"``: log2(1 + counts),
+        the scale of :func:`hyperst.tl.predict`'s prediction, interval ends and observed layer; they are
+        turned back into (expected) counts ``2**x - 1`` before the niche mean, so the niche expression of a
+        prediction is on the same scale as that of measured counts. ``"auto"`` (default): ``"log2p1"`` for
+        the prediction tables of :func:`hyperst.tl.predict` (``.uns["hyperst"]["predict"]``) when the values
+        read are a prediction (``.X`` when the prediction is there; ``"hyperst_pred"``, ``"hyperst_lower"``,
+        ``"hyperst_upper"``, ``"hyperst_observed"``), else ``"counts"`` (e.g. the measured counts that a
+        prediction table keeps in ``.X``).
     incomplete
         What to do with spots whose niche misses neighbours (at the tissue or array border):
         ``"keep"`` (default) keeps them with the neighbours that exist; ``"mark"`` does the same but
@@ -151,7 +161,8 @@ def niches(
     ValueError
         If ``obsm["spatial"]`` is missing or not finite, spots share a position, the options conflict,
         the layout cannot be detected, ``connectivity_key`` is not a square ``.obsp`` matrix,
-        ``library_key``/``layer``/``genes`` are invalid, or the counts are negative or not finite.
+        ``library_key``/``layer``/``genes``/``scale`` are invalid, or the values are negative or not finite
+        (or are not expression, such as the prediction's standard deviation ``"hyperst_std"``).
     """
     if not isinstance(adata, AnnData):
         raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
@@ -188,7 +199,11 @@ def niches(
         list(adata.var_names) if genes is None else validate_gene_list(genes, adata.var_names, argument="genes")
     )
     counts = counts_matrix(adata, layer, cols=adata.var_names.get_indexer(gene_names))
-    check_counts(counts, layer_name(layer))
+    value_scale = _value_scale(adata, layer, scale)
+    if value_scale == "log2p1":
+        counts = _expected_counts(counts, layer_name(layer))
+    else:
+        check_counts(counts, layer_name(layer))
 
     # ---------------------------------------------------------------- graph
     if connectivity_key is None:
@@ -246,6 +261,7 @@ def niches(
         "genes": list(gene_names),
         "n_incomplete": n_incomplete,
         "n_dropped": n_incomplete if incomplete == "drop" else 0,
+        "scale": value_scale,
         "libraries": resolved,
         "connectivities_key": Key.OBSP_NICHE_CONNECTIVITIES,
     }
@@ -333,6 +349,46 @@ def niche_targets(
 
 
 # --------------------------------------------------------------------------------------- helpers
+#: layers of a prediction table (hst.tl.predict) that hold expression on the log2(1 + counts) scale
+_LOG_LAYERS = (Key.LAYER_PRED, Key.LAYER_LOWER, Key.LAYER_UPPER, Key.LAYER_OBSERVED)
+
+
+def _value_scale(adata: AnnData, layer: str | None, scale: str) -> str:
+    """``"counts"`` or ``"log2p1"``: what the values read from ``.X``/``layer`` are (see :func:`niches`)."""
+    if scale not in ("auto", "counts", "log2p1"):
+        raise ValueError(f"`scale` must be 'auto', 'counts' or 'log2p1', got {scale!r}.")
+    block = adata.uns.get(Key.UNS)
+    record = block.get(Key.UNS_PREDICT) if isinstance(block, Mapping) else None
+    if layer == Key.LAYER_STD and isinstance(record, Mapping):
+        raise ValueError(
+            f"`layer={layer!r}` holds the prediction's standard deviation, not expression; pass "
+            f"layer={Key.LAYER_PRED!r} (or None when the prediction is in .X)."
+        )
+    if scale != "auto":
+        return scale
+    if not isinstance(record, Mapping):
+        return "counts"
+    if layer is None:
+        return "log2p1" if record.get("layer") == "X" else "counts"
+    return "log2p1" if layer in _LOG_LAYERS else "counts"
+
+
+def _expected_counts(values: np.ndarray | sparse.spmatrix, where: str) -> np.ndarray | sparse.csr_matrix:
+    """``2**x - 1`` of log2(1 + counts) values (float64; sparse stays sparse), checked to be finite and ≥ 0."""
+    data = values.data if sparse.issparse(values) else np.asarray(values)
+    if data.dtype.kind not in "biuf":
+        raise ValueError(f"{where} has dtype {data.dtype}; log2(1 + counts) values must be numeric.")
+    if not np.isfinite(data).all() or (data < 0).any():
+        raise ValueError(
+            f"{where} holds negative or non-finite values, but log2(1 + counts) values are finite and ≥ 0; pass "
+            "scale='counts' if it holds raw counts, or the layer that holds log2(1 + counts)."
+        )
+    if sparse.issparse(values):
+        out = sparse.csr_matrix(values, dtype=np.float64, copy=True)
+        out.data = np.exp2(out.data) - 1.0
+        return out
+    return np.exp2(np.asarray(values, dtype=np.float64)) - 1.0
+
 
 
 def _members(conn: sparse.csr_matrix) -> tuple[sparse.csr_matrix, np.ndarray]:

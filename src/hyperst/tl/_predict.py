@@ -38,6 +38,7 @@ def predict(
     pixel_size: float | None = None,
     key_added: str = Key.TABLE_PREDICTION,
     grid: Mapping[str, Any] | None = None,
+    spatial_image: int | None = 2000,
     device: str = "auto",
     batch_size: int = 1024,
     alpha: float = 0.1,
@@ -70,6 +71,14 @@ def predict(
     grid
         SpatialData without spots only: options of :func:`hyperst.pp.grid_spots` (e.g.
         ``{"min_tissue": 0.5, "layout": "visium"}``).
+    spatial_image
+        SpatialData only: largest side in pixels of the downsampled copy of each sample's H&E written to the
+        legacy ``.uns["spatial"][sample]`` block (``"images"``: ``"hires"`` at this size, ``"lowres"`` at
+        ``min(600, spatial_image)``; ``"scalefactors"``: ``tissue_hires_scalef``, ``tissue_lowres_scalef``,
+        ``spot_diameter_fullres`` in ``.obsm["spatial"]`` units), the layout of :func:`scanpy.read_visium`, so
+        that :func:`squidpy.pl.spatial_scatter` and :func:`scanpy.pl.spatial` draw the prediction on the H&E.
+        2000 (the default, Space Ranger's hires size) costs at most 13 MB per sample; ``None`` writes no
+        ``.uns["spatial"]``.
     device
         Device of the backbone for SpatialData input.
     batch_size
@@ -97,9 +106,23 @@ def predict(
       alarm logged as a warning; a pixel size coarser than the training slides' as a note);
     - ``.obs["hyperst_radius"]``, the hyperbolic radius of the spot's image embedding (a diagnostic, not a
       confidence: :meth:`HyperST.radius`), the image embeddings in ``.obsm["X_hyperst"]`` /
-      ``.obsm["X_hyperst_niche"]``, and the input's ``.obs`` and ``.obsm["spatial"]``.
+      ``.obsm["X_hyperst_niche"]``, and the input's ``.obs`` and ``.obsm["spatial"]``;
+    - when the input holds measured counts of the model's genes: ``.layers["hyperst_observed"]``, their
+      log2(1 + counts), on the prediction's scale (for side-by-side statistics such as
+      ``squidpy.gr.spatial_autocorr(pred, layer="hyperst_observed")`` next to ``layer="hyperst_pred"``).
 
-    For SpatialData it is also stored as ``sdata.tables[key_added]``.
+    The table is a SpatialData table annotating the spots (``.uns["spatialdata_attrs"]``: ``region``,
+    ``region_key``, ``instance_key``; :class:`spatialdata.models.TableModel`), so spatialdata-plot can colour
+    the spots by it. Input tables that annotate an element keep their annotation (restricted to the regions
+    of their rows). A table without one gets ``region_key="region"`` and ``instance_key="instance_id"``: the
+    region of a spot is ``f"{sample}_spots"`` (``.obs["sample"]``; ``"spots"`` without that column), the name
+    hyperst's readers give a sample's spots element; an existing integer or string ``.obs["instance_id"]``
+    unique within each region is kept, else it is the spot's position within its region.
+
+    For SpatialData it is also stored as ``sdata.tables[key_added]``, with the legacy ``.uns["spatial"]``
+    block (see ``spatial_image``), and each sample's entry of ``.uns["hyperst"]["spots"]`` records the image
+    (``"image_key"``) and its level-0 pixels per ``.obsm["spatial"]`` unit (``"image_scale"``), from which
+    :func:`hyperst.pl.spatial` finds the H&E.
     """
     from anndata import AnnData
 
@@ -108,11 +131,18 @@ def predict(
                               alpha=alpha)
     if not hasattr(data, "images"):
         raise TypeError(f"`data` must be an AnnData or a SpatialData, got {type(data).__name__}.")
+    if spatial_image is not None and (
+        isinstance(spatial_image, bool) or not isinstance(spatial_image, int | np.integer) or spatial_image < 16
+    ):
+        raise ValueError(
+            f"`spatial_image` must be the largest side in pixels of the H&E copy (an integer ≥ 16, e.g. 2000) or "
+            f"None for no `.uns['spatial']`, got {spatial_image!r}."
+        )
     with restore_on_error([data]):  # a failed call leaves no pseudo-spots, table or features behind
         return _predict_spatialdata(
             model, data, layer=layer, table_key=table_key, shapes_key=shapes_key, image_key=image_key,
-            pixel_size=pixel_size, key_added=key_added, grid=grid, device=device, batch_size=batch_size,
-            alpha=alpha, progress=progress,
+            pixel_size=pixel_size, key_added=key_added, grid=grid, spatial_image=spatial_image, device=device,
+            batch_size=batch_size, alpha=alpha, progress=progress,
         )
 
 
@@ -127,14 +157,13 @@ def _predict_spatialdata(
     pixel_size: float | None,
     key_added: str,
     grid: Mapping[str, Any] | None,
+    spatial_image: int | None,
     device: str,
     batch_size: int,
     alpha: float,
     progress: bool,
 ) -> AnnData:
-    from spatialdata.models import TableModel
-
-    from hyperst.pp import image_features
+    from hyperst.pp import image_features, resolve_spots
 
     if model.backbone is None or model.crop_geometry is None:
         raise ValueError(
@@ -166,12 +195,69 @@ def _predict_spatialdata(
     )
     out = _predict_table(model, table, spot_key=Key.OBSM_FEATURES_SPOT, niche_key=Key.OBSM_FEATURES_NICHE,
                          layer=layer, batch_size=batch_size, alpha=alpha)
-    attrs = table.uns.get("spatialdata_attrs", {})
-    if attrs:
-        out = TableModel.parse(out, region=attrs["region"], region_key=attrs["region_key"],
-                               instance_key=attrs["instance_key"])
+    features_key = next(k for k, t in sdata.tables.items() if t is table)
+    samples = resolve_spots(sdata, image_key=image_key, shapes_key=shapes_key, table_key=features_key,
+                            pixel_size=pixel_size)
+    _record_images(out, sdata, samples, spatial_image=spatial_image)
     sdata.tables[key_added] = out
     return out
+
+
+def _image_scale(xy: np.ndarray, centers_px: np.ndarray) -> float | None:
+    """Level-0 pixels per ``.obsm["spatial"]`` unit when ``centers_px`` is ``xy`` times one number, else ``None``.
+
+    The legacy ``.uns["spatial"]`` block knows one scale factor per image and no offset or rotation.
+    """
+    xy = np.asarray(xy, dtype=np.float64)[:, :2]
+    px = np.asarray(centers_px, dtype=np.float64)
+    norm = float((xy * xy).sum())
+    if not len(xy) or norm == 0 or not np.isfinite(xy).all():
+        return None
+    scale = float((xy * px).sum() / norm)
+    if not scale > 0 or np.abs(xy * scale - px).max() > 1.0:  # within a level-0 pixel
+        return None
+    return scale
+
+
+def _record_images(out: AnnData, sdata: SpatialData, samples: list[Any], *, spatial_image: int | None) -> None:
+    """Record each sample's image in ``out`` and write the legacy ``.uns["spatial"]`` block (``spatial_image``)."""
+    from hyperst.pp._pyramid import thumbnail
+
+    block = out.uns[Key.UNS].setdefault(Key.UNS_SPOTS, {})
+    legacy: dict[str, Any] = {}
+    for s in samples:
+        if s.table_rows is None:
+            continue
+        scale = _image_scale(out.obsm[Key.OBSM_SPATIAL][s.table_rows], s.centers_px)
+        entry = dict(block.get(s.sample, {}))
+        entry["image_key"] = s.image_key
+        entry.setdefault("pixel_size", float(s.pixel_size))
+        entry.setdefault("spot_diameter", float(s.spot_diameter))
+        if scale is None:
+            logger.warning(
+                f"sample {s.sample!r}: `.obsm['spatial']` is not a scaled copy of the spots' pixel positions on "
+                f"`{s.image_key}`, so no image is recorded for plots (pass `image=` and `scale_factor=` to "
+                "hst.pl.spatial)."
+            )
+        else:
+            entry["image_scale"] = scale
+        block[s.sample] = entry
+        if scale is None or spatial_image is None:
+            continue
+        image = sdata.images[s.image_key]
+        hires, hires_scale = thumbnail(image, max_side=int(spatial_image))
+        lowres, lowres_scale = thumbnail(image, max_side=min(600, int(spatial_image)))
+        legacy[s.sample] = {
+            Key.SPATIAL_IMAGES: {Key.SPATIAL_HIRES: hires, Key.SPATIAL_LOWRES: lowres},
+            Key.SPATIAL_SCALEFACTORS: {
+                Key.SCALEF_HIRES: hires_scale * scale,
+                Key.SCALEF_LOWRES: lowres_scale * scale,
+                Key.SPOT_DIAMETER_FULLRES: float(entry["spot_diameter"]) / float(entry["pixel_size"]) / scale,
+            },
+            Key.SPATIAL_METADATA: {"image_key": s.image_key, "source": "hyperst.tl.predict"},
+        }
+    if legacy:
+        out.uns[Key.UNS_SPATIAL] = {**out.uns.get(Key.UNS_SPATIAL, {}), **legacy}
 
 
 def _predict_table(
@@ -200,25 +286,35 @@ def _predict_table(
     has_counts = set(model.genes) <= set(map(str, data.var_names))
     to_layer = has_counts if layer == "auto" else bool(layer)
     var = pd.DataFrame(index=pd.Index(model.genes, name=None))
+    if to_layer and not has_counts:
+        raise ValueError("`layer=True` needs the model's genes in `data` (their measured counts go to `.X`).")
+    counts = None
+    if has_counts:
+        counts = data[:, model.genes].X
+        counts = counts.copy() if sp.issparse(counts) else np.array(counts, copy=True)
     if to_layer:
-        if not has_counts:
-            raise ValueError("`layer=True` needs the model's genes in `data` (their measured counts go to `.X`).")
-        x = data[:, model.genes].X
-        x = x.copy() if sp.issparse(x) else np.array(x, copy=True)
-        out = ad.AnnData(X=x, obs=data.obs.copy(), var=var)
+        out = ad.AnnData(X=counts, obs=data.obs.copy(), var=var)
         out.layers[Key.LAYER_PRED] = pred
     else:
         out = ad.AnnData(X=pred, obs=data.obs.copy(), var=var)
+    observed = _log_counts(counts) if counts is not None else None
+    if observed is not None:
+        out.layers[Key.LAYER_OBSERVED] = observed
     if Key.OBSM_SPATIAL in data.obsm:
         out.obsm[Key.OBSM_SPATIAL] = np.array(data.obsm[Key.OBSM_SPATIAL], copy=True)
-    if "spatial" in data.uns:
-        out.uns["spatial"] = data.uns["spatial"]
+    if isinstance(data.uns.get(Key.UNS_SPATIAL), Mapping):  # legacy images: new dicts, arrays shared (read only)
+        out.uns[Key.UNS_SPATIAL] = {
+            lib: {k: dict(v) if isinstance(v, Mapping) else v for k, v in entry.items()}
+            if isinstance(entry, Mapping) else entry
+            for lib, entry in data.uns[Key.UNS_SPATIAL].items()
+        }
     out.obsm[Key.OBSM_IMAGE_SPOT] = embs["image_spot"]
     if "image_niche" in embs:
         out.obsm[Key.OBSM_IMAGE_NICHE] = embs["image_niche"]
     out.obs[Key.OBS_RADIUS] = model.radius(embs["image_spot"])
     record: dict[str, Any] = {
-        "genes": model.genes, "layer": Key.LAYER_PRED if to_layer else "X", "backbone": model.backbone,
+        "genes": model.genes, "layer": Key.LAYER_PRED if to_layer else "X",
+        "observed_layer": Key.LAYER_OBSERVED if observed is not None else None, "backbone": model.backbone,
         "crop_geometry": model.crop_geometry, "curvature": float(model.network.curvature.detach().cpu()),
         "n_members": model.n_members,
     }
@@ -244,5 +340,60 @@ def _predict_table(
     out.uns[Key.UNS] = {Key.UNS_PREDICT: jsonable(record, drop_none=True)}
     spots = data.uns.get(Key.UNS, {}).get(Key.UNS_SPOTS)
     if spots is not None:  # the resolved spot geometry (pixel size, spot diameter): plots draw spots to scale
-        out.uns[Key.UNS][Key.UNS_SPOTS] = dict(spots)
-    return out
+        out.uns[Key.UNS][Key.UNS_SPOTS] = {k: dict(v) if isinstance(v, Mapping) else v for k, v in spots.items()}
+    return _annotate(out, data)
+
+
+def _log_counts(counts: Any) -> Any:
+    """log2(1 + counts) as float32 (sparse stays sparse), or ``None`` (logged) when they are not counts."""
+    import scipy.sparse as sp
+
+    values = counts.data if sp.issparse(counts) else np.asarray(counts)
+    if values.dtype.kind not in "biuf" or not np.isfinite(values).all() or (values < 0).any():
+        logger.warning(
+            "the input's values of the model's genes are not non-negative counts (negative, NaN or non-numeric): "
+            f"no `.layers[{Key.LAYER_OBSERVED!r}]` with their log2(1 + counts)."
+        )
+        return None
+    if sp.issparse(counts):
+        out = sp.csr_matrix(counts, dtype=np.float32, copy=True)
+        out.data = np.log2(1.0 + out.data.astype(np.float64)).astype(np.float32)
+        return out
+    return np.log2(1.0 + values.astype(np.float64)).astype(np.float32)
+
+
+def _annotate(out: AnnData, data: AnnData) -> AnnData:
+    """``out`` as a SpatialData table annotating the spots of ``data`` (see :func:`predict`)."""
+    from spatialdata.models import TableModel
+
+    attrs = data.uns.get(TableModel.ATTRS_KEY)
+    region_key = instance_key = None
+    if isinstance(attrs, Mapping):
+        region_key, instance_key = attrs.get(TableModel.REGION_KEY_KEY), attrs.get(TableModel.INSTANCE_KEY)
+    obs = out.obs
+    if region_key in obs.columns and instance_key in obs.columns:
+        regions = attrs.get(TableModel.REGION_KEY)
+        regions = [regions] if isinstance(regions, str) else [str(r) for r in regions]
+        present = set(obs[region_key].astype(str))
+        region = [r for r in regions if r in present]  # a subset table annotates only its regions' spots
+        obs[region_key] = pd.Categorical(obs[region_key].astype(str), categories=region)
+    else:
+        region_key, instance_key = Key.TABLE_REGION_KEY, Key.TABLE_INSTANCE_KEY
+        if region_key in obs.columns:
+            logger.warning(
+                f"`data` has an `.obs[{region_key!r}]` column but no spatialdata annotation: the prediction "
+                f"table's `.obs[{region_key!r}]` names the spots element instead (f'{{sample}}_spots')."
+            )
+        samples = (obs[Key.OBS_SAMPLE].astype(str) if Key.OBS_SAMPLE in obs.columns
+                   else pd.Series("", index=obs.index))
+        names = np.where(samples.to_numpy() == "", "spots", samples.to_numpy() + "_spots").astype(str)
+        region = list(dict.fromkeys(names))
+        obs[region_key] = pd.Categorical(names, categories=region)
+        ids = obs[instance_key] if instance_key in obs.columns else None
+        usable = (ids is not None and not ids.isna().any()
+                  and (pd.api.types.is_integer_dtype(ids) or pd.api.types.is_string_dtype(ids))
+                  and not pd.DataFrame({"r": names, "i": ids.to_numpy()}).duplicated().any())
+        if not usable:
+            obs[instance_key] = obs.groupby(region_key, observed=True).cumcount().to_numpy().astype(np.int64)
+    return TableModel.parse(out, region=region, region_key=region_key, instance_key=instance_key,
+                            overwrite_metadata=True)
