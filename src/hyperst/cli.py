@@ -1,5 +1,8 @@
 """The ``hyperst`` command line: ``demo``, ``fit``, ``predict``, ``evaluate`` and ``benchmark``.
 
+``hyperst predict --model DIR --slide SLIDE.svs --out OUT.zarr`` is the main use case: a scanner slide in, a
+SpatialData store with the predicted expression over the tissue (and a figure ``OUT.png``) out.
+
 A user error (a missing file, invalid JSON, a bad argument the library refuses) prints one line
 ``hyperst: error: <message>`` to stderr and exits with status 2, as argparse does for usage errors; the global
 ``--debug`` flag shows the traceback instead.
@@ -169,19 +172,88 @@ def _fit(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     import hyperst as hst
 
+    if (args.data is None) == (args.slide is None):
+        raise CLIError("pass either DATA (a .zarr store or .h5ad table) or --slide SLIDE (a scanner slide), not "
+                       + ("both." if args.data else "neither."))
     folder = _model_folder(args.model)
+    if args.slide is not None:
+        return _predict_slide(args, folder)
+    if args.pitch is not None or args.min_tissue is not None:
+        raise CLIError("--pitch and --min-tissue shape the pseudo-spot grid of --slide; with DATA pass a .zarr "
+                       "store without spots and use the Python API's grid= option.")
     data = _read(args.data)
     _check_out(args.out, overwrite=None)
     model = hst.tl.HyperST.load(folder, device=args.device)
     pred = hst.tl.predict(model, data, pixel_size=args.pixel_size, alpha=args.alpha, progress=args.progress)
     pred.write_h5ad(args.out)
     say(f"prediction for {pred.n_obs} spots × {pred.n_vars} genes written to {args.out}")
+    _say_flags(pred)
+    return 0
+
+
+def _say_flags(pred: Any) -> None:
     domain = pred.uns.get("hyperst", {}).get("predict", {}).get("domain")
     if domain is not None:
         flagged = [name for name, v in domain["slides"].items() if len(v["flags"])]
         say(f"{domain['ood_fraction']:.0%} of the spots flagged as unlike the training data"
             + (f"; slides flagged: {flagged}" if flagged else ""))
+
+
+def _predict_slide(args: argparse.Namespace, folder: Path) -> int:
+    """``hyperst predict --slide``: slide → tissue → pseudo-spots → prediction → SpatialData zarr + PNG figure."""
+    import shutil
+
+    import hyperst as hst
+    from hyperst._constants import Key
+
+    out = Path(args.out).expanduser()
+    if out.suffix != ".zarr":
+        raise CLIError(f"--out {args.out!r}: with --slide the result is a SpatialData store; name it OUT.zarr.")
+    if not Path(args.slide).expanduser().is_file():
+        raise CLIError(f"--slide {args.slide!r} does not exist (expected a scanner slide: .svs, .tif, .ome.tif).")
+    _check_out(args.out, overwrite=args.overwrite)
+    if out.exists() and not (out / "zarr.json").is_file() and not (out / ".zgroup").is_file():
+        raise CLIError(f"--out {args.out!r} exists and is not a zarr store; refusing to replace it.")
+    grid = {k: v for k, v in (("pitch", args.pitch), ("min_tissue", args.min_tissue)) if v is not None}
+    sdata = hst.datasets.read_slide(args.slide, pixel_size=args.pixel_size)
+    sample, record = next(iter(sdata.attrs[Key.UNS][Key.ATTRS_SLIDE].items()))
+    say(f"{sample}: {record['format']} slide, {record['pixel_size']:.4g} µm/px ({record['pixel_size_source']})")
+    model = hst.tl.HyperST.load(folder, device=args.device)
+    pred = hst.tl.predict(model, sdata, pixel_size=record["pixel_size"], alpha=args.alpha, grid=grid or None,
+                          device=args.device, progress=args.progress)
+    if out.exists():
+        shutil.rmtree(out)
+    sdata.write(out)
+    say(f"prediction for {pred.n_obs} pseudo-spots × {pred.n_vars} genes written to {out} "
+        f"(table {Key.TABLE_PREDICTION!r})")
+    _say_flags(pred)
+    figure = out.with_suffix(".png")
+    _slide_figure(sdata, pred, figure, genes=args.genes)
+    say(f"figure: {figure}")
     return 0
+
+
+def _slide_figure(sdata: Any, pred: Any, path: Path, *, genes: Sequence[str] | None) -> None:
+    """Predicted expression over the H&E: the named genes, else the three of largest spread over the slide."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    import hyperst as hst
+
+    if genes:
+        unknown = [g for g in genes if g not in pred.var_names]
+        if unknown:
+            raise CLIError(f"--genes {unknown} are not genes of the model; it predicts e.g. "
+                           f"{list(pred.var_names[:5])}.")
+    else:
+        spread = np.asarray(pred.X).std(axis=0)
+        genes = [str(g) for g in pred.var_names[np.argsort(-spread, kind="stable")[:3]]]
+    fig = hst.pl.spatial(sdata, list(genes), ncols=len(genes), show=False)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -320,12 +392,24 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--progress", action="store_true")
     fit.set_defaults(func=_fit)
 
-    pred = sub.add_parser("predict", parents=[common], help="Predict expression for a SpatialData zarr store from H&E.")
-    pred.add_argument("data", help=".zarr store (H&E image, with or without spots) or .h5ad with features")
+    pred = sub.add_parser("predict", parents=[common],
+                          help="Predict expression from H&E: a SpatialData zarr store, a table, or a scanner slide.")
+    pred.add_argument("data", nargs="?", default=None,
+                      help=".zarr store (H&E image, with or without spots) or .h5ad with features")
+    pred.add_argument("--slide", default=None, metavar="SLIDE",
+                      help="a scanner slide (.svs, .tif, .ome.tif): tissue detection, pseudo-spots, prediction, "
+                           "written as OUT.zarr with a figure OUT.png")
     pred.add_argument("--model", required=True, help="model directory")
-    pred.add_argument("--out", required=True, help="output .h5ad")
-    pred.add_argument("--pixel-size", type=float, default=None, help="µm per pixel (needed without spots)")
+    pred.add_argument("--out", required=True, help="output .h5ad (DATA) or .zarr (--slide)")
+    pred.add_argument("--pixel-size", type=float, default=None,
+                      help="µm per level-0 pixel (needed without spots; --slide: default from the file)")
     pred.add_argument("--alpha", type=float, default=0.1, help="miscoverage of the intervals (0.1: 90 %%)")
+    pred.add_argument("--pitch", type=float, default=None,
+                      help="--slide: µm between pseudo-spots (default: the model's spot pitch)")
+    pred.add_argument("--min-tissue", type=float, default=None,
+                      help="--slide: smallest tissue fraction of a pseudo-spot's window (default 0.5)")
+    pred.add_argument("--genes", nargs="+", default=None, help="--slide: genes of the figure (default: 3 most varying)")
+    pred.add_argument("--overwrite", action="store_true", help="--slide: replace an existing OUT.zarr")
     pred.add_argument("--device", default="auto")
     pred.add_argument("--progress", action="store_true")
     pred.set_defaults(func=_predict)
