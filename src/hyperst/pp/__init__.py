@@ -5,6 +5,7 @@
 - :func:`select_genes` / :func:`targets`: genes to predict and their log2(1 + counts) targets;
 - :func:`crops` / :class:`SpotCropDataset`: physical spot and niche crops, streamed from the pyramid;
 - :func:`image_features`: frozen backbone features of every spot and niche crop;
+- :func:`image_features_cohort` / :func:`read_cohort`: the same over many slides and devices, into a resumable store;
 - :func:`tissue_mask` / :func:`tissue_threshold` / :func:`tissue_fraction` / :func:`grid_spots`: tissue
   detection (one per-slide Otsu threshold) and pseudo-spots for H&E-only slides;
 - :func:`load_backbone` / :func:`extract_features`: frozen image backbones from local weights.
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
         load_backbone,
         resolve_backbone_spec,
     )
+    from hyperst.pp._cohort import CohortStore, image_features_cohort, read_cohort
     from hyperst.pp._crops import extract_crops, iter_crops
     from hyperst.pp._features import SampleCrops, crop_geometry, crop_optical_density, crops, image_features
     from hyperst.pp._genes import select_genes, targets
@@ -48,6 +50,9 @@ _LAZY_IMPORTS: dict[str, str] = {
     "CropCache": "hyperst.data._cache",
     "SpotCropDataset": "hyperst.data._crops",
     "dihedral": "hyperst.data._augment",
+    "CohortStore": "hyperst.pp._cohort",
+    "image_features_cohort": "hyperst.pp._cohort",
+    "read_cohort": "hyperst.pp._cohort",
     "extract_crops": "hyperst.pp._crops",
     "iter_crops": "hyperst.pp._crops",
     "LAYOUTS": "hyperst.pp._layout",
@@ -76,6 +81,7 @@ __all__ = [
     "KNOWN_BACKBONES",
     "LAYOUTS",
     "BackboneSpec",
+    "CohortStore",
     "CropCache",
     "CropGeometry",
     "ImagePyramid",
@@ -92,9 +98,11 @@ __all__ = [
     "extract_features",
     "grid_spots",
     "image_features",
+    "image_features_cohort",
     "iter_crops",
     "load_backbone",
     "niches",
+    "read_cohort",
     "resolve_backbone_spec",
     "resolve_spots",
     "select_genes",

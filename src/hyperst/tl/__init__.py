@@ -8,6 +8,7 @@ many training settings apart by concern.
 
 from hyperst.data._modules import spatial_block_split
 from hyperst.tl._benchmark import BENCHMARK_METHODS, BenchmarkMethod, BenchmarkResult, benchmark
+from hyperst.tl._cohort import predict_cohort
 from hyperst.tl._cv import cross_validate
 from hyperst.tl._evaluate import Evaluation, evaluate, pcc_at_k, pearson_per_gene
 from hyperst.tl._fit import fit
@@ -34,5 +35,6 @@ __all__ = [
     "pcc_at_k",
     "pearson_per_gene",
     "predict",
+    "predict_cohort",
     "spatial_block_split",
 ]
