@@ -319,3 +319,21 @@ def test_her2st_measured_spots_lie_on_detected_tissue_and_grid(section):
     d, _ = cKDTree(centres).query(xy)
     assert (d * pixel_size <= 200.0 / np.sqrt(2)).mean() >= 0.95
     assert len(grid) < 1.15 * len(xy)  # and the grid does not spill over the glass
+
+
+@pytest.mark.parametrize("section", ["C2", "C6"])
+def test_her2st_pale_staining_keeps_the_tissue(section):
+    """Haematoxylin and eosin at 40 % (a pale batch): ≥ 95 % of the measured spots stay on tissue (was 78–88 %)."""
+    from skimage.color import hed2rgb, rgb2hed
+    from spatialdata.models import Image2DModel
+
+    if not (HER2ST / section / "he.jpg").is_file():
+        pytest.skip(f"{HER2ST / section} is absent")
+    image, xy, pixel_size = _her2st_section(section)
+    hed = rgb2hed(np.moveaxis(image.values, 0, -1))
+    pale = (np.clip(hed2rgb(hed * np.array([0.4, 0.4, 1.0])), 0, 1) * 255).astype(np.uint8)
+    pale_image = Image2DModel.parse(np.moveaxis(pale, -1, 0), dims=("c", "y", "x"), c_coords=["r", "g", "b"])
+    mask, scale = hst.pp.tissue_mask(pale_image, pixel_size=pixel_size)
+    ij = np.floor(xy[:, ::-1] / scale).astype(int)
+    assert mask[ij[:, 0].clip(0, mask.shape[0] - 1), ij[:, 1].clip(0, mask.shape[1] - 1)].mean() >= 0.95
+    assert 0.12 < mask.mean() < 0.25
