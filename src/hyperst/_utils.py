@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = [
+    "BatchSizer",
     "centers_hash",
     "jsonable",
     "lazy_module",
@@ -265,3 +266,55 @@ def _restore(obj: Any, snap: dict[str, Any]) -> None:
         if key not in obj.tables or obj.tables[key] is not table:
             obj.tables[key] = table
         _restore(table, snap["table_state"][key])
+
+
+class BatchSizer:
+    """Forward passes in batches that back off on CUDA out-of-memory instead of crashing.
+
+    :meth:`run` calls ``fn(start, stop)`` over ``[0, n)`` in batches of :attr:`size`; when a batch raises
+    ``torch.cuda.OutOfMemoryError`` the CUDA cache is emptied, the size halves (kept for later calls, so one
+    slide's back-off serves the next) and the same rows are tried again. A batch of one that does not fit
+    raises a ``MemoryError`` saying what to do.
+
+    Parameters
+    ----------
+    size
+        Rows per forward pass to start with.
+    what
+        What the rows are, for the messages (``"crops"``, ``"spots"``).
+    """
+
+    def __init__(self, size: int, *, what: str = "rows") -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {size!r}.")
+        self.size = size
+        self.what = what
+        self.backoffs = 0
+
+    def run(self, fn: Callable[[int, int], Any], n: int) -> Iterator[Any]:
+        """Yield ``fn(start, stop)`` for consecutive batches covering ``[0, n)``."""
+        import torch
+
+        from hyperst._logging import logger
+
+        start = 0
+        while start < n:
+            stop = min(start + self.size, n)
+            try:
+                out = fn(start, stop)
+            except torch.cuda.OutOfMemoryError:
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if stop - start == 1:
+                    raise MemoryError(
+                        f"One batch of 1 {self.what[:-1] if self.what.endswith('s') else self.what} does not fit "
+                        "in GPU memory; free the GPU (other processes), use a smaller backbone or run on CPU "
+                        "(`device='cpu'`)."
+                    ) from None
+                self.size = max(1, (stop - start) // 2)
+                self.backoffs += 1
+                logger.warning(f"CUDA out of memory with {stop - start} {self.what} per batch: continuing with "
+                               f"{self.size}")
+                continue
+            yield out
+            start = stop

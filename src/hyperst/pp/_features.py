@@ -269,6 +269,7 @@ def image_features(
     device: str = "auto",
     cache_dir: str | Path | None = None,
     recompute: bool = False,
+    compile: bool = False,
     progress: bool = True,
 ) -> AnnData:
     """Frozen backbone features of every spot's spot and niche crop, written to the table.
@@ -303,8 +304,11 @@ def image_features(
         On-disk crop cache (see :func:`crops`).
     recompute
         Recompute even when matching features exist.
+    compile
+        ``torch.compile`` the backbone (see :func:`extract_features`): about a minute of compilation, then
+        ≈2× faster on CPU; for slides with thousands of spots. Features match eager ones to ~1e-5.
     progress
-        Show progress bars.
+        Show progress bars (one per slide and crop kind, e.g. "spot features sample0").
 
     Returns
     -------
@@ -371,7 +375,7 @@ def image_features(
             seen: list[_Seen] = []  # rows, pad and tissue fraction of each batch, never the crops
             stream = _stream(image, s, side, geom, batch_size, sc, name, threshold, seen)
             f = extract_features(model, stream, device=device, batch_size=batch_size, n_total=s.n_spots,
-                                 progress=progress)
+                                 progress=progress, compile=compile, desc=f"{name} features {s.sample}")
             target = s.table_rows[np.concatenate([b.index for b in seen])]
             feats.setdefault(name, np.zeros((table.n_obs, f.shape[1]), dtype=np.float32))[target] = f
             if name == "spot":
