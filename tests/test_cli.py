@@ -270,6 +270,9 @@ def test_predict_slide_writes_a_zarr_that_spatialdata_opens_and_plots(slide_mode
     # a second run refuses to replace the store without --overwrite (before any work)
     assert cli.main(argv) == 2
     assert "already holds a result; pass --overwrite" in capsys.readouterr().err
+    assert cli.main([*argv, "--overwrite", "--genes", "NOPE"]) == 2  # checked before the prediction
+    assert "--genes ['NOPE'] are not genes of the model" in capsys.readouterr().err
+    assert sd.read_zarr(out).tables["hyperst_prediction"].n_obs == pred.n_obs  # the store is untouched
 
 
 def test_predict_slide_user_errors(tmp_path: Path, capsys) -> None:

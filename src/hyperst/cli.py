@@ -219,6 +219,9 @@ def _predict_slide(args: argparse.Namespace, folder: Path) -> int:
     sample, record = next(iter(sdata.attrs[Key.UNS][Key.ATTRS_SLIDE].items()))
     say(f"{sample}: {record['format']} slide, {record['pixel_size']:.4g} µm/px ({record['pixel_size_source']})")
     model = hst.tl.HyperST.load(folder, device=args.device)
+    unknown = [g for g in args.genes or [] if g not in model.genes]
+    if unknown:
+        raise CLIError(f"--genes {unknown} are not genes of the model; it predicts e.g. {list(model.genes[:5])}.")
     pred = hst.tl.predict(model, sdata, pixel_size=record["pixel_size"], alpha=args.alpha, grid=grid or None,
                           device=args.device, progress=args.progress)
     if out.exists():
@@ -243,12 +246,7 @@ def _slide_figure(sdata: Any, pred: Any, path: Path, *, genes: Sequence[str] | N
 
     import hyperst as hst
 
-    if genes:
-        unknown = [g for g in genes if g not in pred.var_names]
-        if unknown:
-            raise CLIError(f"--genes {unknown} are not genes of the model; it predicts e.g. "
-                           f"{list(pred.var_names[:5])}.")
-    else:
+    if not genes:
         spread = np.asarray(pred.X).std(axis=0)
         genes = [str(g) for g in pred.var_names[np.argsort(-spread, kind="stable")[:3]]]
     fig = hst.pl.spatial(sdata, list(genes), ncols=len(genes), show=False)

@@ -385,8 +385,8 @@ def read_slide(
     file = Path(file).expanduser()
     if pixel_size is not None and _positive(pixel_size) is None:
         raise ValueError(f"`pixel_size` must be a positive number of µm per pixel, got {pixel_size!r}.")
-    if sample is None:
-        sample = file.name.split(".")[0] or "slide"
+    if sample is None:  # the file name without its suffixes, in the characters spatialdata allows in names
+        sample = re.sub(r"[^\w.-]", "_", file.name.split(".")[0]) or "slide"
     if not isinstance(sample, str) or not sample:
         raise TypeError(f"`sample` must be a non-empty string, got {sample!r}.")
     element, info = _wsi_element(file, coordinate_system=sample, multiscale=multiscale, chunks=chunks,
