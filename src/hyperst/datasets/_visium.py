@@ -6,6 +6,11 @@ conventions: one coordinate system per sample (full-resolution pixels of the Spa
 ``f"{sample}_image"`` in it, spots ``f"{sample}_spots"``, one table ``"table"`` with the spot geometry in
 ``uns["hyperst"]["spots"]``.
 
+A folder with a lowres image only (Space Ranger 1.x output trimmed for sharing, as in Seurat's test data) works
+too: the spots' full-resolution pixel positions are mapped into the lowres image through ``tissue_lowres_scalef``
+(the spots stay in full-resolution pixels; the image gets a ``Scale`` transformation), and a counts file without
+a ``library_ids`` attribute names the sample after its folder.
+
 About the pixel size: Space Ranger's ``scalefactors_json.json`` field ``spot_diameter_fullres`` is "the number of
 pixels that span the diameter of a theoretical 65 µm spot in the original, full-resolution image" (Space Ranger
 output documentation), not of the 55 µm capture spot. The pixel size is therefore fitted on the spot grid (100 µm
