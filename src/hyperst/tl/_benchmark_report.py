@@ -2,14 +2,21 @@
 
 :class:`BenchmarkResult` holds the tidy scores and timings and summarises, compares (paired over folds),
 writes Markdown, plots, saves and loads them; :func:`compare_markdown` and :func:`best_baseline` serve the
-CLI and ``benchmarks/her2st.py``.
+CLI and ``benchmarks/her2st.py``. :func:`write_html_report` writes the self-contained ``index.html`` of a
+report folder (the benchmark's and the demo's): tables, every figure embedded with its caption, and the
+command that made it.
 """
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 import os
-from collections.abc import Sequence
+import shlex
+import sys
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +29,7 @@ from hyperst._utils import jsonable
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-__all__ = ["BenchmarkResult", "best_baseline", "compare_markdown"]
+__all__ = ["BenchmarkResult", "best_baseline", "command_line", "compare_markdown", "write_html_report"]
 
 
 @dataclass
@@ -267,8 +274,23 @@ class BenchmarkResult:
         return fig
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        """Write ``scores.csv``, ``timings.csv`` and ``meta.json`` into the folder ``path``."""
+    def save(
+        self,
+        path: str | Path,
+        *,
+        overwrite: bool = False,
+        html: bool = True,
+        metric: str = "PCC@50",
+        reference: str | None = None,
+        command: str | None = None,
+    ) -> Path:
+        """Write ``scores.csv``, ``timings.csv`` and ``meta.json`` into the folder ``path``, and a report page.
+
+        With ``html=True`` the folder also gets ``scores.png`` (:meth:`plot` of ``metric``) and a
+        self-contained ``index.html`` (:func:`write_html_report`): the summary table, the paired comparison
+        with ``reference`` (default ``"hyperst"`` when it was run, else the first method), the timings, the
+        figure, and ``command`` (default: the command line of this process).
+        """
         path = Path(path)
         if path.exists() and any(path.iterdir()) and not overwrite:
             raise FileExistsError(f"{path} exists and is not empty; pass `overwrite=True`.")
@@ -276,7 +298,48 @@ class BenchmarkResult:
         self.scores.to_csv(path / "scores.csv", index=False)
         self.timings.to_csv(path / "timings.csv", index=False)
         (path / "meta.json").write_text(json.dumps(jsonable(self.meta), indent=1) + os.linesep)
+        if html:
+            self._write_html(path, metric=metric, reference=reference, command=command)
         return path
+
+    def _write_html(self, path: Path, *, metric: str, reference: str | None, command: str | None) -> None:
+        import matplotlib.pyplot as plt
+
+        tables: list[tuple[str, pd.DataFrame]] = []
+        summ = self.summary()
+        wide = pd.DataFrame({m: [f"{a:.3f} ± {0.0 if np.isnan(b) else b:.3f}" for a, b in
+                                 zip(summ[(m, "mean")], summ[(m, "std")], strict=True)]
+                             for m in dict.fromkeys(summ.columns.get_level_values(0))}, index=summ.index)
+        tables.append(("Scores on the held-out groups: mean ± std over folds × seeds (pooled over spots). "
+                       "Higher PCC@K is better, lower MSE/MAE is better.", wide))
+        figures: list[tuple[str, str]] = []
+        if metric in set(self.scores["metric"]):
+            fig = self.plot(metric)
+            fig.savefig(path / "scores.png", dpi=110)
+            plt.close(fig)
+            figures.append(("scores.png", f"{metric} per method: each dot is one held-out fold (mean over seeds), "
+                            "the diamond the mean ± std over folds × seeds. Look for methods whose diamonds are "
+                            "apart by more than the spread of their dots."))
+        ref = reference or ("hyperst" if "hyperst" in self.methods else self.methods[0])
+        if len(self.methods) > 1:
+            cmp = self.compare(ref, metric=metric).drop(columns=["reference", "metric"], errors="ignore")
+            tables.append((f"Paired comparison of {metric} with `{ref}` over folds (method − {ref}): "
+                           "mean difference, t, p, folds won. 'exceeds_noise' says whether the difference is "
+                           "larger than the seed-to-seed spread.", cmp))
+        timing = self.timings.groupby("method", sort=False)[["fit_s", "predict_s", "total_s"]].mean().round(2)
+        tables.append(("Mean seconds per job (fit, predict; scoring excluded).", timing))
+        settings = {k: self.meta[k] for k in ("methods", "folds", "seeds", "gene_sets") if k in self.meta}
+        write_html_report(
+            path,
+            title="hyperst benchmark",
+            command=command or command_line(),
+            summary=f"{len(self.methods)} methods, {self.scores['fold'].nunique()} folds, "
+                    f"{self.scores['seed'].nunique()} seed(s), gene sets {sorted(set(self.scores['gene_set']))}.",
+            tables=tables,
+            figures=figures,
+            details={"settings": settings},
+            files=["scores.csv", "timings.csv", "meta.json"],
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> BenchmarkResult:
@@ -325,3 +388,112 @@ def best_baseline(result: BenchmarkResult, *, metric: str = "PCC@50", gene_set: 
     df = result._select(metric, "pooled", gene_set)
     means = df[df["method"].isin(base)].groupby("method")["value"].mean()
     return str(means.idxmax() if metric.startswith("PCC") else means.idxmin())
+
+
+# ---------------------------------------------------------------------------------------------- html page
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1100px; margin: 2em auto;
+       padding: 0 1em; color: #222; line-height: 1.45; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { font-size: 1.2em; margin-top: 1.8em; }
+pre { background: #f4f4f4; padding: 0.6em 0.8em; overflow-x: auto; border-radius: 4px; }
+table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.92em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th { background: #f0f0f0; } td:first-child, th:first-child { text-align: left; }
+figure { margin: 1.2em 0 2em; } figure img { max-width: 100%; max-height: 760px; border: 1px solid #ddd; }
+figcaption { margin-top: 0.4em; color: #444; } .meta { color: #666; font-size: 0.9em; }
+"""
+
+
+def command_line() -> str:
+    """The command line of this process as one shell-quoted string (``hyperst …`` for the console script)."""
+    argv = list(sys.argv)
+    if argv and Path(argv[0]).name in ("hyperst", "__main__.py"):
+        argv[0] = "hyperst"
+    elif argv and Path(argv[0]).name.startswith("pytest"):
+        argv[0] = "pytest"
+    return " ".join(shlex.quote(a) for a in argv) if argv else "python"
+
+
+def _table_html(table: pd.DataFrame | Mapping[str, Any]) -> str:
+    if isinstance(table, Mapping):
+        cells = [f"{v:.3f}" if isinstance(v, float) else "–" if v is None else str(v) for v in table.values()]
+        table = pd.DataFrame({"value": cells}, index=list(map(str, table.keys())))
+    return table.to_html(border=0, float_format=lambda x: f"{x:.3f}", na_rep="–", escape=True)
+
+
+def write_html_report(
+    out: str | Path,
+    *,
+    title: str,
+    command: str,
+    summary: str = "",
+    tables: Sequence[tuple[str, pd.DataFrame | Mapping[str, Any]]] = (),
+    figures: Sequence[tuple[str, str]] = (),
+    details: Mapping[str, Any] | None = None,
+    files: Sequence[str] = (),
+) -> Path:
+    """Write ``out/index.html``: a self-contained page that a person opens in a browser, offline.
+
+    Parameters
+    ----------
+    out
+        The report folder (it must exist); figures are read from it.
+    title
+        Page title.
+    command
+        The command that made the report, shown at the top.
+    summary
+        One paragraph under the title.
+    tables
+        ``(caption, table)`` pairs: a DataFrame, or a mapping shown as a two-column table.
+    figures
+        ``(file name in out, one-line caption saying what to look for)``. Each existing figure is embedded
+        as base64 (the page works when moved alone) and linked by its file name; a missing one is listed
+        as missing.
+    details
+        Anything else to show as JSON under "Details".
+    files
+        Other files of the folder to link (e.g. ``metrics.json``), when they exist.
+
+    Returns
+    -------
+    The path of ``index.html``.
+    """
+    out = Path(out)
+    if not out.is_dir():
+        raise FileNotFoundError(f"`out` {out} is not a folder; write the report files first.")
+    esc = html.escape
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{esc(title)}</h1>",
+        f'<p class="meta">written {esc(time.strftime("%Y-%m-%d %H:%M:%S"))} in {esc(str(out.resolve()))}</p>',
+    ]
+    if summary:
+        parts.append(f"<p>{esc(summary)}</p>")
+    parts += ["<h2>Command</h2>", f"<pre>{esc(command)}</pre>"]
+    for caption, table in tables:
+        parts += [f"<p>{esc(caption)}</p>", _table_html(table)]
+    if figures:
+        parts.append("<h2>Figures</h2>")
+    for name, caption in figures:
+        f = out / name
+        if not f.is_file():
+            parts.append(f"<p><em>{esc(name)}</em> was not written: {esc(caption)}</p>")
+            continue
+        data = base64.b64encode(f.read_bytes()).decode("ascii")
+        mime = "image/svg+xml" if f.suffix == ".svg" else "image/png"
+        parts.append(
+            f'<figure id="{esc(f.stem)}"><a href="{esc(name)}"><img src="data:{mime};base64,{data}" '
+            f'alt="{esc(name)}"></a><figcaption><strong>{esc(name)}</strong>: {esc(caption)}</figcaption></figure>'
+        )
+    listed = [n for n in files if (out / n).is_file()]
+    if listed:
+        parts += ["<h2>Files</h2>", "<ul>", *[f'<li><a href="{esc(n)}">{esc(n)}</a></li>' for n in listed], "</ul>"]
+    if details:
+        parts += ["<h2>Details</h2>", f"<pre>{esc(json.dumps(jsonable(dict(details)), indent=1))}</pre>"]
+    parts.append("</body></html>")
+    path = out / "index.html"
+    path.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    return path
