@@ -58,7 +58,7 @@ def cohort(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> dict[s
         t.obs[Key.OBS_SAMPLE] = name  # three samples (each synthetic slide calls its sample "sample0")
         t.obs_names = [f"{name}_{o}" for o in t.obs_names]
         train.append(t)
-    model = hst.tl.fit(train, genes=list(train[0].var_names), config={"emb_dim": 16}, max_epochs=3, batch_size=16,
+    model = hst.tl.fit(train, genes=list(train[0].var_names), config={"emb_dim": 16}, max_epochs=2, batch_size=16,
                        lr=3e-3, n_members=2, seed=0, device="cpu", devices=1, progress=False)
     model.save(root / "model")
     return {"root": root, "paths": paths, "backbone": backbone, "features": features, "model": model}
@@ -134,16 +134,17 @@ def test_resume_after_a_crash_computes_only_the_rest(cohort, tmp_path, monkeypat
 
     paths, out = cohort["paths"], tmp_path / "features.zarr"
     real = features_module.image_features
-    calls: list[int] = []
+    calls: list[str] = []
 
-    def crash_on_second(sdata, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # a job killed while computing slide1
+    def counted(sdata, **kwargs):
+        calls.append(Path(sdata.path).name)
+        if crash and len(calls) == 2:
+            raise KeyboardInterrupt  # the job is killed while it computes the second slide
         return real(sdata, **kwargs)
 
     kwargs = {"out": out, "backbone": cohort["backbone"], "geometry": GEOMETRY, "device": "cpu", "progress": False}
-    monkeypatch.setattr(features_module, "image_features", crash_on_second)
+    monkeypatch.setattr(features_module, "image_features", counted)
+    crash = True
     with pytest.raises(KeyboardInterrupt):
         hst.pp.image_features_cohort(paths, **kwargs)
     store = hst.pp.read_cohort(out)
@@ -152,34 +153,33 @@ def test_resume_after_a_crash_computes_only_the_rest(cohort, tmp_path, monkeypat
     assert sorted(manifest["complete"]) == ["slide0"]
     assert manifest["pending"] == ["slide1", "slide2"]
 
-    calls.clear()
-    monkeypatch.setattr(features_module, "image_features", lambda sdata, **kw: (calls.append(1), real(sdata, **kw))[1])
+    crash, calls[:] = False, []
     store = hst.pp.image_features_cohort(paths, **kwargs)
-    assert len(calls) == 2  # slide0 was skipped
+    assert calls == ["slide1.zarr", "slide2.zarr"]  # slide0 was skipped
     assert store.slides == NAMES
     assert store.manifest["pending"] == []
-    for name in NAMES:
+    for name in NAMES:  # the same result as one uninterrupted process
         assert_same_table(store[name], cohort["features"][name])
     calls.clear()
     hst.pp.image_features_cohort(paths, **kwargs)  # complete: nothing to do
     assert calls == []
-    hst.pp.image_features_cohort(paths[:1], **kwargs, overwrite=True)  # start again
-    assert hst.pp.read_cohort(out).slides == ["slide0"]
-    assert len(calls) == 1
+
+
+def _fake_features(sdata, **kwargs):
+    """A stand-in for image_features: a small table (the engine's bookkeeping is tested, not the features)."""
+    import anndata as ad
+
+    if Path(sdata.path).name == "slide1.zarr" and os.environ.get("_COHORT_FAIL") == "1":
+        raise ValueError("unreadable slide")
+    return ad.AnnData(np.full((2, 3), float(Path(sdata.path).stem[-1]), dtype=np.float32))
 
 
 def test_failed_slide_is_recorded_and_the_others_finish(cohort, tmp_path, monkeypatch) -> None:
     import hyperst.pp._features as features_module
 
     paths, out = cohort["paths"], tmp_path / "features.zarr"
-    real = features_module.image_features
-
-    def fail_slide1(sdata, **kwargs):
-        if sdata.path is not None and Path(sdata.path).name == "slide1.zarr":
-            raise ValueError("unreadable slide")
-        return real(sdata, **kwargs)
-
-    monkeypatch.setattr(features_module, "image_features", fail_slide1)
+    monkeypatch.setattr(features_module, "image_features", _fake_features)
+    monkeypatch.setenv("_COHORT_FAIL", "1")
     kwargs = {"out": out, "backbone": cohort["backbone"], "geometry": GEOMETRY, "device": "cpu", "progress": False}
     with pytest.raises(RuntimeError, match=r"1 of 3 slides failed \(slide1\).*unreadable slide") as info:
         hst.pp.image_features_cohort(paths, **kwargs)
@@ -188,14 +188,17 @@ def test_failed_slide_is_recorded_and_the_others_finish(cohort, tmp_path, monkey
     assert sorted(manifest["complete"]) == ["slide0", "slide2"]
     assert manifest["failed"]["slide1"]["error"] == "ValueError: unreadable slide"
     assert "Traceback" in manifest["failed"]["slide1"]["traceback"]
-    monkeypatch.setattr(features_module, "image_features", real)
+    monkeypatch.setenv("_COHORT_FAIL", "0")
     store = hst.pp.image_features_cohort(paths, **kwargs)  # the retry computes slide1 only
     assert store.slides == NAMES
     assert store.manifest["failed"] == {}
+    np.testing.assert_array_equal(store["slide1"].X, np.ones((2, 3)))
+    hst.pp.image_features_cohort(paths[2:], **kwargs, overwrite=True)  # start again
+    assert hst.pp.read_cohort(out).slides == ["slide2"]
 
 
-def test_bad_arguments_are_clear_errors(cohort, tmp_path) -> None:
-    import spatialdata as sd
+def test_bad_arguments_are_clear_errors(cohort, tmp_path, monkeypatch) -> None:
+    import hyperst.pp._features as features_module
 
     paths, backbone = cohort["paths"], cohort["backbone"]
     kwargs = {"backbone": backbone, "geometry": GEOMETRY, "device": "cpu", "progress": False}
@@ -215,26 +218,30 @@ def test_bad_arguments_are_clear_errors(cohort, tmp_path) -> None:
     with pytest.raises(TypeError, match="backbone"):
         hst.pp.image_features_cohort(paths, out=tmp_path / "a", **{**kwargs, "backbone": torch.nn.Identity()})
     with pytest.raises(ValueError, match="in-memory"):
-        hst.pp.image_features_cohort({"a": unnamed}, out=tmp_path / "a", devices=2, strategy="ddp",
-                                     **{**kwargs, "device": "cpu"})
+        hst.pp.image_features_cohort({"a": unnamed}, out=tmp_path / "a", devices=2, strategy="ddp", **kwargs)
+    with pytest.raises(TypeError, match="`model` must be a HyperST"):
+        hst.tl.predict_cohort(object(), paths, out=tmp_path / "a", progress=False)
     assert not (tmp_path / "a").exists()  # nothing was written by a refused call
 
+    monkeypatch.setattr(features_module, "image_features", _fake_features)
     out = tmp_path / "features.zarr"
     hst.pp.image_features_cohort(paths[:1], out=out, **kwargs)
     with pytest.raises(ValueError, match=r"other settings.*overwrite=True"):
         hst.pp.image_features_cohort(paths[:1], out=out, **{**kwargs, "geometry": {**GEOMETRY, "out_size": 48}})
     with pytest.raises(ValueError, match="computed from"):
         hst.pp.image_features_cohort({"slide0": paths[1]}, out=out, **kwargs)
-    with pytest.raises(TypeError, match="`model` must be a HyperST"):
-        hst.tl.predict_cohort(object(), paths, out=tmp_path / "p", progress=False)
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         hst.pp.image_features_cohort(paths[:1], out=tmp_path / "file", **kwargs)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "data.txt").write_text("x")
+    with pytest.raises(ValueError, match="not a cohort store"):
+        hst.pp.image_features_cohort(paths[:1], out=tmp_path / "other", overwrite=True, **kwargs)
+    assert (tmp_path / "other" / "data.txt").exists()  # never deleted
     with pytest.raises(FileNotFoundError, match="not a hyperst cohort store"):
         hst.pp.read_cohort(tmp_path)
     with pytest.raises(KeyError, match="slide2"):
         hst.pp.read_cohort(out)["slide2"]
-    assert sd.read_zarr(paths[0]).tables["table"].obsm.keys().isdisjoint({Key.OBSM_FEATURES_SPOT})
 
 
 def _clean_env() -> dict[str, str]:
