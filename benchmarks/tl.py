@@ -15,7 +15,9 @@ Sections (each prints a table; all numbers are spots per second of wall time):
    ``hst.tl.predict`` on a synthetic SpatialData from :func:`hyperst.datasets.synthetic` (H&E image and
    spots, no table) with a model fitted quickly on features of other synthetic slides (EfficientNet-Lite0),
    split into feature extraction (``hst.pp.image_features``: crops + backbone) and heads (``predict`` on
-   the resulting table).
+   the resulting table); (c) the speed-up of image -> expression over the previous inference path
+   (NCHW, crops read between backbone batches), same run: channels-last + reader thread (default) and
+   ``compile=True``.
 3. ``--gpu`` (CUDA, skipped with a message when it is absent): LoRA-mode end-to-end training
    (``hst.tl.fit(mode="lora")``) with a ViT-L/16-sized backbone (timm ``vit_large_patch16_224``, random
    weights, LoRA r = 8 on the last 11 blocks, bf16 autocast), compared with the one-off frozen feature
@@ -250,6 +252,51 @@ def bench_end_to_end(args: argparse.Namespace) -> None:
     t_heads = _timed(lambda: hst.tl.predict(model, feats))
     print(fmt_row("  heads: hst.tl.predict(model, table)", [f"{n / t_heads:,.0f}", f"{t_heads:.3f}"], widths))
     print(f"     heads are {100 * t_heads / (t_feat + t_heads):.1f} % of image -> expression time")
+    bench_speedup(args, model, fresh, t_heads)
+
+
+def bench_speedup(args: argparse.Namespace, model: Any, fresh: Any, t_heads: float) -> None:
+    """[2c] image -> expression spots/s of the inference paths, as ratios against the previous path, same run.
+
+    The previous path is ``extract_features(channels_last=False, prefetch=0)`` (NCHW, crops read between
+    backbone batches); the others are today's default (channels-last, reader thread) and ``compile=True``
+    (timed warm: its one-off compilation is reported separately).
+    """
+    import functools
+
+    import hyperst as hst
+    import hyperst.pp._features as features_module
+
+    real = features_module.extract_features
+    variants = [
+        ("previous: NCHW, no reader thread", {"channels_last": False, "prefetch": 0}),
+        ("default: channels-last + reader thread", {}),
+        ("compile=True (warm)", {"compile": True}),
+    ]
+    print(f"\n[2c] image -> expression speed-up on CPU ({hst._constants.Key.TABLE_PREDICTION!r} path: crops + "
+          f"backbone + heads), {args.repeats} repeat(s), best time; ratio against the previous path")
+    widths = [12, 12, 10]
+    print(fmt_row("path", ["spots/s", "s", "ratio"], widths))
+    base = None
+    try:
+        for name, opts in variants:
+            features_module.extract_features = functools.partial(real, **opts)
+            if opts.get("compile"):
+                sdata = fresh()
+                t_compile = _timed(lambda s=sdata: hst.pp.image_features(
+                    s, backbone=model.backbone, geometry=model.crop_geometry, device="cpu", progress=False))
+                print(f"     (compile=True: first call {t_compile:.1f} s, including the compilation)")
+            best = np.inf
+            for _ in range(args.repeats):
+                sdata = fresh()
+                t = _timed(lambda s=sdata: hst.pp.image_features(
+                    s, backbone=model.backbone, geometry=model.crop_geometry, device="cpu", progress=False))
+                best = min(best, t + t_heads)
+            n = sdata.tables["table"].n_obs
+            base = best if base is None else base
+            print(fmt_row(name, [f"{n / best:,.1f}", f"{best:.2f}", f"{base / best:.2f}×"], widths))
+    finally:
+        features_module.extract_features = real
 
 
 def bench_lora_gpu(args: argparse.Namespace) -> None:
@@ -322,6 +369,7 @@ def main() -> None:
     p.add_argument("--lora-device", default="cuda", help="'cuda' (default) or 'cpu' for a smoke run")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--skip-cpu", action="store_true", help="only the --gpu section")
+    p.add_argument("--repeats", type=int, default=2, help="timed repeats of each inference path in [2c]")
     args = p.parse_args()
     if args.quick:
         args.n_side, args.epochs, args.predict_spots, args.e2e_side = 14, 2, 5_000, 8
