@@ -407,9 +407,10 @@ figcaption { margin-top: 0.4em; color: #444; } .meta { color: #666; font-size: 0
 def command_line() -> str:
     """The command line of this process as one shell-quoted string (``hyperst …`` for the console script)."""
     argv = list(sys.argv)
-    if argv and Path(argv[0]).name in ("hyperst", "__main__.py"):
+    first = Path(argv[0]) if argv else None
+    if first is not None and (first.name == "hyperst" or first.parts[-2:] == ("hyperst", "__main__.py")):
         argv[0] = "hyperst"
-    elif argv and Path(argv[0]).name.startswith("pytest"):
+    elif first is not None and (first.name.startswith("pytest") or first.parts[-2:] == ("pytest", "__main__.py")):
         argv[0] = "pytest"
     return " ".join(shlex.quote(a) for a in argv) if argv else "python"
 
