@@ -114,3 +114,28 @@ def test_compiled_backbone_pads_the_last_batch_and_matches_eager() -> None:
     np.testing.assert_allclose(got, eager, rtol=1e-4, atol=1e-5)
     assert got.shape == (11, 8)
     assert set(net.calls) == {4}  # one shape only: the last 3 crops were padded to 4
+
+
+def test_model_prediction_backs_off_on_cuda_oom(monkeypatch, one_thread) -> None:
+    """``HyperST.predict_members`` halves its batch on out-of-memory and predicts the same values."""
+    import hyperst as hst
+
+    rng = np.random.default_rng(0)
+    model = hst.tl.HyperST(hst.nn.HyperSTConfig(n_genes=3, image_dim=4, emb_dim=8), genes=["a", "b", "c"])
+    spot, niche = rng.normal(size=(10, 4)).astype(np.float32), rng.normal(size=(10, 4)).astype(np.float32)
+    ref, ref_emb = model.predict_members(spot, niche, batch_size=16)
+    net = model.members[0]
+    real, seen = type(net).forward, []
+
+    def forward(self, image_spot, *args, **kwargs):
+        seen.append(len(image_spot))
+        if len(image_spot) > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, image_spot, *args, **kwargs)
+
+    monkeypatch.setattr(type(net), "forward", forward)
+    got, emb = model.predict_members(spot, niche, batch_size=16)
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(emb["image_spot"], ref_emb["image_spot"], rtol=1e-6, atol=1e-6)
+    assert seen[:3] == [10, 5, 2]  # a batch of the 10 rows, halved until it fits
+    assert seen[2:] == [2] * 5  # the size that fitted is kept for the rest

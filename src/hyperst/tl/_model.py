@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from hyperst._logging import logger
-from hyperst._utils import jsonable, resolve_device, restore_on_error
+from hyperst._utils import BatchSizer, jsonable, resolve_device, restore_on_error
 from hyperst.nn import HyperSTConfig, HyperSTNetwork, ImageHyperST
 from hyperst.tl._domain import DomainReference
 from hyperst.tl._lora import LoraSpec
@@ -233,17 +233,25 @@ class HyperST:
         dev = self.device
         preds: list[list[np.ndarray]] = [[] for _ in self.members]
         embs: dict[str, list[np.ndarray]] = {}
-        for start in range(0, len(spot), batch_size):
-            s = torch.from_numpy(spot[start : start + batch_size]).to(dev)
+
+        def forward(start: int, stop: int) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+            s = torch.from_numpy(spot[start:stop]).to(dev)
             n = None
             if self.config.has_niche and niche is not None:
-                n = torch.from_numpy(niche[start : start + batch_size]).to(dev)
+                n = torch.from_numpy(niche[start:stop]).to(dev)
+            outs, first = [], {}
             for i, net in enumerate(self.members):
                 out = net.eval()(s, n)
-                preds[i].append(out.prediction.float().clamp_min(0).cpu().numpy())
+                outs.append(out.prediction.float().clamp_min(0).cpu().numpy())
                 if i == 0:
-                    for k, v in out.embeddings.items():
-                        embs.setdefault(k, []).append(v.float().cpu().numpy())
+                    first = {k: v.float().cpu().numpy() for k, v in out.embeddings.items()}
+            return outs, first
+
+        for outs, first in BatchSizer(batch_size, what="spots").run(forward, len(spot)):  # backs off on CUDA OOM
+            for i, o in enumerate(outs):
+                preds[i].append(o)
+            for k, v in first.items():
+                embs.setdefault(k, []).append(v)
         g = self.config.n_genes
         stacked = np.stack([np.concatenate(p) if p else np.zeros((0, g), np.float32) for p in preds])
         return stacked, {k: np.concatenate(v) for k, v in embs.items()}
