@@ -19,7 +19,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,7 +29,12 @@ from hyperst._logging import logger
 from hyperst._utils import jsonable
 from hyperst._version import __version__
 
-__all__ = ["RUN_FILE", "CheckpointDir", "data_digest"]
+if TYPE_CHECKING:  # pragma: no cover
+    from hyperst.tl._model import HyperST
+    from hyperst.tl._options import TrainOptions
+    from hyperst.tl._setup import TrainingData
+
+__all__ = ["RUN_FILE", "CheckpointDir", "checkpoint_dir", "data_digest"]
 
 RUN_FILE = "run.json"
 _FORMAT = 1
@@ -131,3 +136,36 @@ class CheckpointDir:
         state = {name: t.detach().cpu() for name, t in module.state_dict().items()}
         _atomic_write(folder / "final.pt", lambda p: torch.save(state, p))
         _atomic_write(folder / "final.json", lambda p: p.write_text(json.dumps(jsonable(dict(record)))))
+
+
+def checkpoint_dir(model: HyperST, reg: TrainingData, options: TrainOptions) -> CheckpointDir:
+    """The checkpoint folder of ``options.checkpoint_dir`` for training ``model`` on ``reg``.
+
+    A resume must match the optimisation settings (not ``progress``/``num_workers``), the mode, members,
+    genes, configuration, image provenance and split, and the training arrays (frozen features or the
+    crops' shape, targets and samples).
+    """
+    from dataclasses import asdict
+
+    train = {k: v for k, v in asdict(options).items() if k not in ("progress", "num_workers", "checkpoint_dir")}
+    opts = model.data_options
+    settings = {
+        **train, "mode": reg.mode, "n_members": model.n_members, "genes": list(model.genes),
+        "config": model.config.to_dict(), "backbone": model.backbone, "crop_geometry": model.crop_geometry,
+        "validation": _validation_record(opts.validation), "val_fraction": opts.val_fraction,
+    }
+    frozen = reg.mode == "frozen"
+    data = data_digest(reg.spot if frozen else np.asarray(reg.spot.shape), reg.niche if frozen else None,
+                       reg.targets, reg.niche_targets, reg.samples.astype(str))
+    assert options.checkpoint_dir is not None
+    return CheckpointDir(options.checkpoint_dir, settings=settings, data=data)
+
+
+def _validation_record(validation: Any) -> Any:
+    """``DataOptions.validation`` as JSON: names as they are, a mask as the SHA-256 of its bytes."""
+    if validation is None or isinstance(validation, str):
+        return validation
+    arr = np.asarray(validation)
+    if arr.dtype == bool:
+        return "mask:" + hashlib.sha256(np.packbits(arr).tobytes()).hexdigest()
+    return sorted(map(str, arr.ravel().tolist()))

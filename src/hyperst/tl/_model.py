@@ -532,24 +532,9 @@ class HyperST:
 
     def _checkpoint_dir(self, options: TrainOptions) -> Any:
         """The :class:`~hyperst.tl._checkpoint.CheckpointDir` of ``options.checkpoint_dir`` (``None`` without)."""
-        from dataclasses import asdict
+        from hyperst.tl._checkpoint import checkpoint_dir
 
-        from hyperst.tl._checkpoint import CheckpointDir, data_digest
-
-        if options.checkpoint_dir is None:
-            return None
-        reg = self._registered()
-        train = {k: v for k, v in asdict(options).items() if k not in ("progress", "num_workers", "checkpoint_dir")}
-        settings = {
-            **train, "mode": reg.mode, "n_members": self.n_members, "genes": list(self.genes),
-            "config": self.config.to_dict(), "backbone": self.backbone, "crop_geometry": self.crop_geometry,
-            "validation": _validation_record(self.data_options.validation),
-            "val_fraction": self.data_options.val_fraction,
-        }
-        spot = reg.spot if reg.mode == "frozen" else np.asarray(reg.spot.shape)
-        return CheckpointDir(options.checkpoint_dir, settings=settings,
-                             data=data_digest(spot, reg.niche if reg.mode == "frozen" else None, reg.targets,
-                                              reg.niche_targets, reg.samples.astype(str)))
+        return None if options.checkpoint_dir is None else checkpoint_dir(self, self._registered(), options)
 
     @property
     def interrupted(self) -> bool:
@@ -697,14 +682,3 @@ class HyperST:
         model.network.eval()
         return model
 
-
-def _validation_record(validation: Any) -> Any:
-    """``DataOptions.validation`` as JSON: names as they are, a mask as the SHA-256 of its bytes."""
-    import hashlib
-
-    if validation is None or isinstance(validation, str):
-        return validation
-    arr = np.asarray(validation)
-    if arr.dtype == bool:
-        return "mask:" + hashlib.sha256(np.packbits(arr).tobytes()).hexdigest()
-    return sorted(map(str, arr.ravel().tolist()))
