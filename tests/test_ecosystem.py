@@ -118,6 +118,13 @@ def test_anndata_prediction_keeps_or_names_its_region(one_thread, make_feature_s
                                               "instance_key": "instance_id"}
     np.testing.assert_array_equal(pred2.obs["instance_id"].to_numpy(), np.arange(bare.n_obs))
     assert (bare.obs["region"] == "cortex").all()  # the user's table is unchanged
+    # an annotation that cannot hold (instance ids repeated within a region): replaced, with a warning
+    dup = one.copy()
+    dup.obs["instance_id"] = 0
+    pred3 = hst.tl.predict(small, dup)
+    TableModel.validate(pred3)
+    assert pred3.uns["spatialdata_attrs"]["region"] == ["sample1_spots"]
+    np.testing.assert_array_equal(pred3.obs["instance_id"].to_numpy(), np.arange(dup.n_obs))
     np.testing.assert_allclose(pred2.layers[Key.LAYER_PRED], pred.layers[Key.LAYER_PRED])
 
 

@@ -402,7 +402,7 @@ def spot_frame(
         )
     xy_all = np.asarray(adata_pred.obsm[Key.OBSM_SPATIAL], dtype=np.float64)[:, :2]
     mask, sample_name = sample_mask(
-        [adata_pred, truth], adata_pred.n_obs, sample, sample_key, image is not False and image is not None
+        [adata_pred, truth], adata_pred.n_obs, sample, sample_key, image is not False
     )
     if image is None:
         found = _legacy_image(adata_pred, sample_name)

@@ -367,33 +367,43 @@ def _annotate(out: AnnData, data: AnnData) -> AnnData:
     from spatialdata.models import TableModel
 
     attrs = data.uns.get(TableModel.ATTRS_KEY)
-    region_key = instance_key = None
+    obs = out.obs
     if isinstance(attrs, Mapping):
         region_key, instance_key = attrs.get(TableModel.REGION_KEY_KEY), attrs.get(TableModel.INSTANCE_KEY)
-    obs = out.obs
-    if region_key in obs.columns and instance_key in obs.columns:
         regions = attrs.get(TableModel.REGION_KEY)
-        regions = [regions] if isinstance(regions, str) else [str(r) for r in regions]
-        present = set(obs[region_key].astype(str))
-        region = [r for r in regions if r in present]  # a subset table annotates only its regions' spots
-        obs[region_key] = pd.Categorical(obs[region_key].astype(str), categories=region)
-    else:
-        region_key, instance_key = Key.TABLE_REGION_KEY, Key.TABLE_INSTANCE_KEY
-        if region_key in obs.columns:
-            logger.warning(
-                f"`data` has an `.obs[{region_key!r}]` column but no spatialdata annotation: the prediction "
-                f"table's `.obs[{region_key!r}]` names the spots element instead (f'{{sample}}_spots')."
-            )
-        samples = (obs[Key.OBS_SAMPLE].astype(str) if Key.OBS_SAMPLE in obs.columns
-                   else pd.Series("", index=obs.index))
-        names = np.where(samples.to_numpy() == "", "spots", samples.to_numpy() + "_spots").astype(str)
-        region = list(dict.fromkeys(names))
-        obs[region_key] = pd.Categorical(names, categories=region)
-        ids = obs[instance_key] if instance_key in obs.columns else None
-        usable = (ids is not None and not ids.isna().any()
-                  and (pd.api.types.is_integer_dtype(ids) or pd.api.types.is_string_dtype(ids))
-                  and not pd.DataFrame({"r": names, "i": ids.to_numpy()}).duplicated().any())
-        if not usable:
-            obs[instance_key] = obs.groupby(region_key, observed=True).cumcount().to_numpy().astype(np.int64)
+        regions = [regions] if isinstance(regions, str) else [str(r) for r in np.atleast_1d(regions)]
+        if region_key in obs.columns and instance_key in obs.columns:
+            values = obs[region_key].astype(str)
+            region = [r for r in regions if r in set(values)]  # a subset table annotates only its regions' spots
+            try:
+                if not values.isin(region).all():
+                    raise ValueError(f"`.obs[{region_key!r}]` names regions outside {regions[:5]}")
+                obs[region_key] = pd.Categorical(values, categories=region)
+                return TableModel.parse(out, region=region, region_key=region_key, instance_key=instance_key,
+                                        overwrite_metadata=True)
+            except (ValueError, TypeError) as err:
+                reason = str(err)
+        else:
+            reason = f"its region/instance columns {region_key!r}/{instance_key!r} are missing"
+        logger.warning(
+            f"the input table's spatialdata annotation cannot be kept ({reason}); the prediction table annotates "
+            f"f'{{sample}}_spots' by `.obs[{Key.TABLE_INSTANCE_KEY!r}]` instead."
+        )
+    elif Key.TABLE_REGION_KEY in obs.columns:
+        logger.warning(
+            f"`data` has an `.obs[{Key.TABLE_REGION_KEY!r}]` column but no spatialdata annotation: the prediction "
+            f"table's `.obs[{Key.TABLE_REGION_KEY!r}]` names the spots element instead (f'{{sample}}_spots')."
+        )
+    region_key, instance_key = Key.TABLE_REGION_KEY, Key.TABLE_INSTANCE_KEY
+    samples = obs[Key.OBS_SAMPLE].astype(str) if Key.OBS_SAMPLE in obs.columns else pd.Series("", index=obs.index)
+    names = np.where(samples.to_numpy() == "", "spots", samples.to_numpy() + "_spots").astype(str)
+    region = list(dict.fromkeys(names))
+    obs[region_key] = pd.Categorical(names, categories=region)
+    ids = obs[instance_key] if instance_key in obs.columns else None
+    usable = (ids is not None and not ids.isna().any()
+              and (pd.api.types.is_integer_dtype(ids) or pd.api.types.is_string_dtype(ids))
+              and not pd.DataFrame({"r": names, "i": ids.to_numpy()}).duplicated().any())
+    if not usable:
+        obs[instance_key] = obs.groupby(region_key, observed=True).cumcount().to_numpy().astype(np.int64)
     return TableModel.parse(out, region=region, region_key=region_key, instance_key=instance_key,
                             overwrite_metadata=True)
