@@ -204,6 +204,30 @@ def test_config_from_a_json_file_reaches_the_network(inputs: Path, tmp_path: Pat
     assert cli.build_parser().parse_args(["fit", "x.h5ad", "--out", "m"]).devices == "auto"
 
 
+def test_fit_checkpoint_dir_resumes_finished_members(inputs: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    import torch
+
+    import hyperst as hst
+    import hyperst.tl._train as train_module
+
+    argv = ["fit", str(inputs / "t.h5ad"), "--out", str(tmp_path / "m"), "--epochs", "2", "--batch-size", "16",
+            "--config", '{"emb_dim": 8}', "--checkpoint-dir", str(tmp_path / "ck")]
+    assert cli.main(argv) == 0
+    assert (tmp_path / "ck" / "run.json").is_file()
+    assert (tmp_path / "ck" / "member_0" / "final.pt").is_file()
+    first = hst.tl.HyperST.load(tmp_path / "m")
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a finished member was trained again")
+
+    monkeypatch.setattr(train_module, "run_training", boom)
+    assert cli.main([*argv, "--overwrite"]) == 0  # the finished run is loaded from the folder
+    again = hst.tl.HyperST.load(tmp_path / "m")
+    for key, value in first.network.state_dict().items():
+        assert torch.equal(value, again.network.state_dict()[key]), key
+    assert "model saved to" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------------------------- predict --slide
 SVS = Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi" / "cmu_small_region.svs"
 

@@ -163,9 +163,15 @@ def _fit(args: argparse.Namespace) -> int:
         data, mode=args.mode, preset=args.preset, config=config, backbone=args.backbone, max_epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device, min_tissue=args.min_tissue,
         progress=args.progress, devices=args.devices, strategy=args.strategy, n_members=args.members,
+        checkpoint_dir=args.checkpoint_dir,
     )
     model.save(args.out, overwrite=args.overwrite)
-    say(f"model saved to {args.out}")
+    if model.interrupted:
+        folder = args.checkpoint_dir
+        again = f" (rerun with the same --checkpoint-dir {folder} to resume)" if folder else ""
+        say(f"training was interrupted: the model saved to {args.out} has the best weights so far{again}")
+    else:
+        say(f"model saved to {args.out}")
     return 0
 
 
@@ -386,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--min-tissue", type=float, default=None)
     fit.add_argument("--members", type=_members, default="auto",
                      help="ensemble members: auto (one per held-out slide fold, ≤ 5) or a count")
+    fit.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                     help="save the training state every epoch and resume from it (Ctrl-C stops cleanly)")
     fit.add_argument("--overwrite", action="store_true")
     fit.add_argument("--progress", action="store_true")
     fit.set_defaults(func=_fit)
