@@ -268,7 +268,7 @@ class BenchmarkResult:
             ax.grid(axis="x", alpha=0.3)
         axes[0][0].set_yticks(y, methods)
         handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.tight_layout(rect=(0, 0.06, 1, 1))
+        fig.tight_layout(rect=(0, min(0.3, 0.5 / fig.get_figheight()), 1, 1))  # ~0.5 in for the legend
         fig.legend(handles, labels, title="held-out fold (mean over seeds); ◆ mean ± std over folds × seeds",
                    fontsize=8, title_fontsize=8, loc="lower center", ncol=max(1, len(folds)), frameon=False)
         return fig
@@ -412,7 +412,9 @@ def command_line() -> str:
         argv[0] = "hyperst"
     elif first is not None and (first.name.startswith("pytest") or first.parts[-2:] == ("pytest", "__main__.py")):
         argv[0] = "pytest"
-    return " ".join(shlex.quote(a) for a in argv) if argv else "python"
+    else:
+        argv = ["python", *argv]
+    return " ".join(shlex.quote(a) for a in argv)
 
 
 def _table_html(table: pd.DataFrame | Mapping[str, Any]) -> str:
