@@ -119,9 +119,7 @@ class CohortStore:
 
         if name not in self:
             raise KeyError(f"slide {name!r} is not complete in `{self.path}`; complete slides: {self.slides}.")
-        table = ad.read_zarr(self.path / SLIDES / name)
-        table.uns.pop(SLIDE_ATTRS_KEY, None)
-        return table
+        return ad.read_zarr(self.path / SLIDES / name)
 
     def items(self) -> Iterator[tuple[str, AnnData]]:
         """``(name, table)`` of every completed slide, read one at a time."""
@@ -369,11 +367,13 @@ def _plan(path: Path, slides: Sequence[Slide]) -> tuple[list[str], str | None]:
 
 def _write_slide(path: Path, slide: Slide, table: AnnData, record: Mapping[str, Any]) -> None:
     """Write ``table`` into the staging area, then move it into ``slides/`` with one rename."""
+    import anndata as ad
     import zarr
 
     staging = path / STAGING / f"{slide.name}.{uuid.uuid4().hex}"
     try:
-        table.write_zarr(staging)
+        with ad.settings.override(zarr_write_format=2):  # the store's format, whatever anndata's default
+            table.write_zarr(staging)
         group = zarr.open_group(str(staging), mode="r+")
         group.attrs[SLIDE_ATTRS_KEY] = jsonable(record)
         final = path / SLIDES / slide.name
