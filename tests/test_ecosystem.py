@@ -185,6 +185,29 @@ def test_squidpy_spatial_scatter_draws_on_the_he(tmp_path, fitted) -> None:
     assert png[..., :3].std() > 0.05
 
 
+def test_legacy_block_only_when_it_can_be_right(fitted, caplog) -> None:
+    import spatialdata as sd
+
+    sdata, model = fitted
+    with pytest.raises(ValueError, match="spatial_image"):
+        hst.tl.predict(model, sdata, spatial_image=True)
+    # .obsm["spatial"] shifted away from the spots' pixels: one scale factor cannot map it, so nothing is
+    # written rather than a misplaced image
+    table = sdata.tables["table"].copy()
+    table.obsm["spatial"] = table.obsm["spatial"] + 40.0
+    moved = sd.SpatialData(images=dict(sdata.images), shapes=dict(sdata.shapes), tables={"table": table})
+    from hyperst._logging import logger
+
+    logger.addHandler(caplog.handler)  # the package logger does not propagate
+    try:
+        pred = hst.tl.predict(model, moved, progress=False)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "spatial" not in pred.uns
+    assert "image_scale" not in pred.uns[Key.UNS][Key.UNS_SPOTS]["sample0"]
+    assert "not a scaled copy" in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------- spatialdata-plot
 def test_spatialdata_plot_renders_prediction_layer(tmp_path, predicted) -> None:
     from matplotlib import colormaps
