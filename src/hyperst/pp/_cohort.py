@@ -377,11 +377,14 @@ def _write_slide(path: Path, slide: Slide, table: AnnData, record: Mapping[str, 
         group = zarr.open_group(str(staging), mode="r+")
         group.attrs[SLIDE_ATTRS_KEY] = jsonable(record)
         final = path / SLIDES / slide.name
-        if final.exists():  # computed meanwhile by another run over the same store: keep that one
+        try:
+            os.replace(staging, final)  # fails on an existing (non-empty) group: slides/ is never overwritten
+        except OSError:
+            if not final.exists():
+                raise
+            # computed meanwhile by another run over the same store: keep that one
             logger.warning(f"slide {slide.name!r} already complete in `{path}`: keeping the first result")
             shutil.rmtree(staging)
-            return
-        os.replace(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
