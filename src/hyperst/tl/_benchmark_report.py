@@ -305,6 +305,9 @@ class BenchmarkResult:
     def _write_html(self, path: Path, *, metric: str, reference: str | None, command: str | None) -> None:
         import matplotlib.pyplot as plt
 
+        have = list(dict.fromkeys(self.scores["metric"]))
+        if metric not in have:  # e.g. PCC@5 only: show the first correlation metric scored
+            metric = next((m for m in have if m.startswith("PCC")), have[0])
         tables: list[tuple[str, pd.DataFrame]] = []
         summ = self.summary()
         wide = pd.DataFrame({m: [f"{a:.3f} ± {0.0 if np.isnan(b) else b:.3f}" for a, b in
@@ -313,13 +316,12 @@ class BenchmarkResult:
         tables.append(("Scores on the held-out groups: mean ± std over folds × seeds (pooled over spots). "
                        "Higher PCC@K is better, lower MSE/MAE is better.", wide))
         figures: list[tuple[str, str]] = []
-        if metric in set(self.scores["metric"]):
-            fig = self.plot(metric)
-            fig.savefig(path / "scores.png", dpi=110)
-            plt.close(fig)
-            figures.append(("scores.png", f"{metric} per method: each dot is one held-out fold (mean over seeds), "
-                            "the diamond the mean ± std over folds × seeds. Look for methods whose diamonds are "
-                            "apart by more than the spread of their dots."))
+        fig = self.plot(metric)
+        fig.savefig(path / "scores.png", dpi=110)
+        plt.close(fig)
+        figures.append(("scores.png", f"{metric} per method: each dot is one held-out fold (mean over seeds), the "
+                        "diamond the mean ± std over folds × seeds. Look for methods whose diamonds are apart by more "
+                        "than the spread of their dots."))
         ref = reference or ("hyperst" if "hyperst" in self.methods else self.methods[0])
         if len(self.methods) > 1:
             cmp = self.compare(ref, metric=metric).drop(columns=["reference", "metric"], errors="ignore")
