@@ -96,7 +96,9 @@ def predict(
     - the prediction (log2(1 + counts) scale, ≥ 0; the ensemble mean) in ``.X`` or
       ``.layers["hyperst_pred"]`` (see ``layer``);
     - for calibrated models (trained with validation data): ``.layers["hyperst_lower"]`` and
-      ``.layers["hyperst_upper"]``, the ``1 - alpha`` prediction interval of each spot and gene;
+      ``.layers["hyperst_upper"]``, the ``1 - alpha`` prediction interval of each spot and gene (built from
+      the signed held-out residuals, so it is asymmetric where the model erred one way on held-out slides,
+      and lies wholly above the prediction where it under-predicted them, as an under-trained model does);
       ``.layers["hyperst_std"]``, the predictive standard deviation (member spread and held-out residuals);
       ``.obs["hyperst_uncertainty"]``, the spot's mean predictive standard deviation over genes (log2 units;
       larger: trust the spot less; on held-out Her2ST sections it rises with the spot's error);
