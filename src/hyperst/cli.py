@@ -341,12 +341,11 @@ def _benchmark(args: argparse.Namespace) -> int:
         progress=args.progress,
     )
     out = Path(args.out)
-    res.save(out, overwrite=args.overwrite)
+    res.save(out, overwrite=args.overwrite, metric=args.metric, reference=args.reference)  # + scores.png, index.html
     text = res.to_markdown() + "\n" + compare_markdown(res.compare(args.reference))
     (out / "report.md").write_text(text)
-    res.plot(args.metric).savefig(out / "scores.png", dpi=110)
     print(text)
-    say(f"scores, timings, report.md and scores.png written to {out}")
+    say(f"scores, timings, report.md, scores.png and index.html written to {out}")
     return 0
 
 
@@ -364,12 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", parents=[common],
                           help="End to end on synthetic data (or Her2ST): fit, predict, evaluate, report.")
-    demo.add_argument("--out", default="hyperst-demo", help="report folder (default: hyperst-demo)")
+    demo.add_argument("--out", default=None,
+                      help="report folder (default: a new hyperst-demo-YYYYMMDD-HHMMSS in the current folder)")
     demo.add_argument("--her2st", default=None, metavar="DIR", help="run on the Her2ST folder instead")
     demo.add_argument("--seed", type=int, default=42)
     demo.add_argument("--epochs", type=int, default=60)
     demo.add_argument("--backbone", default="efficientnet_lite0")
-    demo.add_argument("--progress", action="store_true", help="show progress bars")
+    demo.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                      help="progress bars for the steps (default: on)")
     demo.set_defaults(func=_demo)
 
     fit = sub.add_parser("fit", parents=[common],

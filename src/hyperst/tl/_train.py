@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 from torch import nn
 
-from hyperst._logging import logger
+from hyperst._logging import Verbosity, logger, settings
 
 if TYPE_CHECKING:  # pragma: no cover
     from hyperst.data import SpotDataModule
@@ -335,7 +335,7 @@ def run_training(
     kwargs.update(extra)
     pl_logger = logging.getLogger("lightning.pytorch")
     level = pl_logger.level
-    if not options.progress:  # quiet runs: no "GPU available: ..." banners either
+    if settings.verbosity < Verbosity.info:  # Lightning's "GPU available: ..." banners and tips only when asked
         pl_logger.setLevel(logging.WARNING)
     resumed_epoch = None
     try:
