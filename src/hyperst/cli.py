@@ -35,7 +35,7 @@ class CLIError(Exception):
 # ---------------------------------------------------------------------------------------------- commands
 def _demo(args: argparse.Namespace) -> int:
     metrics = run_demo(args.out, her2st=args.her2st, seed=args.seed, epochs=args.epochs, backbone=args.backbone,
-                       progress=args.progress)
+                       progress=args.progress, grid=args.grid)
     return 0 if metrics["beats_mean_predictor"] else 1
 
 
@@ -369,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=42)
     demo.add_argument("--epochs", type=int, default=60)
     demo.add_argument("--backbone", default="efficientnet_lite0")
+    demo.add_argument("--grid", type=int, default=12,
+                      help="spots per side of the synthetic slides (default 12; smaller: a quicker look)")
     demo.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                       help="progress bars for the steps (default: on)")
     demo.set_defaults(func=_demo)
