@@ -13,6 +13,7 @@ import queue
 import threading
 import weakref
 from collections.abc import Iterable, Iterator
+from typing import Literal
 
 import numpy as np
 import torch
@@ -20,7 +21,11 @@ from torch import nn
 
 from hyperst._utils import BatchSizer, resolve_device
 
-__all__ = ["extract_features"]
+__all__ = ["extract_features", "resolve_batch_size"]
+
+#: crops per forward pass with ``batch_size="auto"``: small batches keep a CNN's activations in cache on
+#: CPU (EfficientNet-Lite0 on 2 cores: 16 per batch ran ≈1.3–2× faster than 64); large ones fill a GPU
+AUTO_BATCH = {"cpu": 16, "cuda": 256}
 
 #: compiled forward of each backbone (``torch.compile`` once per module, reused across calls)
 _COMPILED: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
@@ -35,7 +40,7 @@ def extract_features(
     input_size: int | None = None,
     device: str | torch.device = "auto",
     amp: bool | None = None,
-    batch_size: int = 64,
+    batch_size: int | Literal["auto"] = "auto",
     n_total: int | None = None,
     progress: bool = True,
     channels_last: bool = True,
@@ -64,7 +69,7 @@ def extract_features(
     amp
         bfloat16 autocast; default on for CUDA, off on CPU. Features are returned as float32 either way.
     batch_size
-        Crops per forward pass.
+        Crops per forward pass; ``"auto"``: 16 on CPU, 256 on CUDA (halved on out-of-memory).
     n_total
         Total number of crops, for the progress bar only.
     progress
@@ -104,11 +109,10 @@ def extract_features(
         input_size = getattr(spec, "input_size", None)
     if input_size is not None and (isinstance(input_size, bool) or int(input_size) != input_size or input_size < 1):
         raise ValueError(f"input_size={input_size!r} must be a positive integer or None.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
         raise ValueError(f"prefetch={prefetch!r} must be an integer ≥ 0.")
     dev = resolve_device(device)
+    batch_size = resolve_batch_size(batch_size, dev)
     use_amp = dev.type == "cuda" if amp is None else bool(amp)
 
     mean_t = torch.tensor(mean_v, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
@@ -161,6 +165,15 @@ def extract_features(
             raise ValueError("batches held no crops and the backbone has no feature_dim to shape an empty result.")
         return np.zeros((0, int(dim)), dtype=np.float32)
     return np.ascontiguousarray(np.concatenate(outs, axis=0), dtype=np.float32)
+
+
+def resolve_batch_size(batch_size: int | str, device: torch.device) -> int:
+    """``batch_size`` checked, with ``"auto"`` resolved for ``device`` (:data:`AUTO_BATCH`)."""
+    if batch_size == "auto":
+        return AUTO_BATCH["cuda" if device.type == "cuda" else "cpu"]
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer or 'auto'.")
+    return batch_size
 
 
 def _compiled(backbone: nn.Module) -> nn.Module:

@@ -502,7 +502,7 @@ def image_features_cohort(
     pixel_size: float | None = None,
     spot_diameter: float | None = None,
     pitch: float | None = None,
-    batch_size: int = 64,
+    batch_size: int | str = "auto",
     device: str = "auto",
     devices: int | str | Sequence[int] = 1,
     strategy: str | Any = "auto",
@@ -570,8 +570,8 @@ def image_features_cohort(
             "`backbone` must be a name, a BackboneSpec or its dict for a cohort (each process builds its own); "
             "save a fine-tuned module's weights and pass `weights=` instead."
         )
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"`batch_size` must be a positive integer or 'auto', got {batch_size!r}.")
     from spatialdata import SpatialData
 
     items = as_slides(slides, accept=(SpatialData,), what="SpatialData zarr paths")
