@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hyperst._logging import logger
 from hyperst._utils import BatchSizer, resolve_device
 
 __all__ = ["extract_features", "resolve_batch_size"]
@@ -29,6 +30,8 @@ AUTO_BATCH = {"cpu": 16, "cuda": 256}
 
 #: compiled forward of each backbone (``torch.compile`` once per module, reused across calls)
 _COMPILED: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
+#: backbones whose compilation failed here (they run eager, with one warning)
+_NOT_COMPILABLE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def extract_features(
@@ -123,9 +126,25 @@ def extract_features(
     if channels_last:
         backbone.to(memory_format=torch.channels_last)
     backbone.eval()
-    net = _compiled(backbone) if compile else backbone
+    net = _compiled(backbone) if compile and backbone not in _NOT_COMPILABLE else backbone
     sizer = BatchSizer(batch_size, what="crops")
     outs: list[np.ndarray] = []
+
+    def _run(x: torch.Tensor) -> torch.Tensor:
+        nonlocal net
+        if net is backbone:
+            return net(x)
+        try:
+            return net(x)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as err:  # torch.compile could not build kernels here (no C++ toolchain, ...)
+            logger.warning(f"torch.compile is not available here ({type(err).__name__}: {str(err)[:200]}); "
+                           "running the backbone without it")
+            _COMPILED.pop(backbone, None)
+            _NOT_COMPILABLE.add(backbone)
+            net = backbone
+            return net(x)
 
     def forward(chunk: np.ndarray, start: int, stop: int) -> np.ndarray:
         n = stop - start
@@ -137,7 +156,7 @@ def extract_features(
             x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False, antialias=True)
         x = ((x - mean_t) / std_t).contiguous(memory_format=layout)
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
-            y = net(x)
+            y = _run(x)
         if not isinstance(y, torch.Tensor) or y.ndim != 2 or y.shape[0] != x.shape[0]:
             shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
             raise ValueError(
