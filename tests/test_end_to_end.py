@@ -103,6 +103,27 @@ def test_predict_on_image_only_places_a_grid_over_tissue(model) -> None:
     assert x[tissue == "tumour"].mean() > x[tissue != "tumour"].mean() + 0.5
 
 
+def test_predict_on_a_read_slide_uses_its_recorded_pixel_size(model) -> None:
+    """`read_slide` records the pixel size in `sdata.attrs`: `predict` places pseudo-spots without `pixel_size=`."""
+    import copy
+
+    from hyperst._constants import Key
+
+    full = hst.datasets.synthetic(n_samples=4, n_rows=6, n_cols=6, n_genes=36, seed=0)
+    image_only = full.subset(["sample3_image"], filter_tables=False)
+    for key in list(image_only.tables.keys()):
+        del image_only.tables[key]
+    with pytest.raises(ValueError, match="pass `pixel_size`"):
+        hst.tl.predict(model, image_only, progress=False)
+    explicit = copy.deepcopy(image_only)
+    image_only.attrs[Key.UNS] = {Key.ATTRS_SLIDE: {"sample3": {"pixel_size": 1.0, "pixel_size_source": "test"}}}
+    out = hst.tl.predict(model, image_only, progress=False)
+    ref = hst.tl.predict(model, explicit, pixel_size=1.0, progress=False)
+    assert out.n_obs == ref.n_obs > 10
+    np.testing.assert_array_equal(out.obsm["spatial"], ref.obsm["spatial"])
+    np.testing.assert_allclose(np.asarray(out.X), np.asarray(ref.X), rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- small, fast checks
 SMALL_FIT = {"config": {"emb_dim": 16}, "max_epochs": 2, "batch_size": 16, "validation": None, "progress": False}
 

@@ -186,7 +186,10 @@ def _predict_spatialdata(
                 "layout": "visium" if layout == "visium" else "square"}
         opts.update(grid or {})
         if pixel_size is None and "pixel_size" not in opts:
-            raise ValueError("`sdata` has no spots: pass `pixel_size` (µm per pixel) to place pseudo-spots.")
+            pixel_size = _slide_pixel_size(sdata)
+        if pixel_size is None and "pixel_size" not in opts:
+            raise ValueError("`sdata` has no spots: pass `pixel_size` (µm per pixel) to place pseudo-spots "
+                             "(`hst.datasets.read_slide` records it for scanner slides).")
         opts.setdefault("pixel_size", pixel_size)
         shapes_key = grid_spots(sdata, image_key=image_key, **opts)
         logger.info(f"placed {len(sdata.shapes[shapes_key])} pseudo-spots on the tissue ({geom})")
@@ -203,6 +206,20 @@ def _predict_spatialdata(
     _record_images(out, sdata, samples, spatial_image=spatial_image)
     sdata.tables[key_added] = out
     return out
+
+
+def _slide_pixel_size(sdata: SpatialData) -> float | None:
+    """The pixel size :func:`hyperst.datasets.read_slide` recorded (``sdata.attrs``), when it read one slide."""
+    records = dict(sdata.attrs.get(Key.UNS, {}).get(Key.ATTRS_SLIDE, {}) or {})
+    if len(records) != 1:
+        return None
+    sample, record = next(iter(records.items()))
+    value = record.get("pixel_size") if isinstance(record, Mapping) else None
+    if value is None:
+        return None
+    logger.info(f"{sample}: pseudo-spots at the slide's recorded {float(value):.4g} µm/px "
+                f"({record.get('pixel_size_source', 'read_slide')})")
+    return float(value)
 
 
 def _image_scale(xy: np.ndarray, centers_px: np.ndarray) -> float | None:
