@@ -35,6 +35,7 @@ from hyperst.datasets._utils import (
     normalise_chunks,
     parse_circles,
     parse_table,
+    positive_float,
     raw_counts,
     reindex_columns,
     spot_metadata,
@@ -56,15 +57,6 @@ _PIXEL_SIZE_TOLERANCE = 0.1
 
 
 # --------------------------------------------------------------------------------------------- counts and metadata
-def _positive(value: Any) -> float | None:
-    """``value`` as a positive finite float, else ``None`` (metadata fields may be null, NaN or text)."""
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if np.isfinite(out) and out > 0 else None
-
-
 def _median_spacing(xy: np.ndarray) -> float | None:
     """Lattice pitch of spot centres (:func:`hyperst._utils.spot_pitch`; ``None`` with fewer than two spots)."""
     d = spot_pitch(xy)
@@ -72,8 +64,8 @@ def _median_spacing(xy: np.ndarray) -> float | None:
 
 
 def _pixel_size(meta: Mapping[str, Any], tiff_pixel_size: float | None, sample: str, file: Path) -> float:
-    estimated = _positive(meta.get("pixel_size_um_estimated"))
-    embedded = _positive(meta.get("pixel_size_um_embedded"))
+    estimated = positive_float(meta.get("pixel_size_um_estimated"))
+    embedded = positive_float(meta.get("pixel_size_um_embedded"))
     if estimated is not None:
         if embedded is not None and abs(embedded - estimated) > _PIXEL_SIZE_TOLERANCE * estimated:
             logger.warning(
@@ -100,8 +92,8 @@ def _spot_geometry(
     """Layout, spot diameter and pitch (µm) of a HEST sample from ``st_technology`` and the metadata."""
     technology = str(meta.get("st_technology") or "").strip()
     tech = technology.lower()
-    diameter = _positive(meta.get("spot_diameter"))
-    pitch = _positive(meta.get("inter_spot_dist"))
+    diameter = positive_float(meta.get("spot_diameter"))
+    pitch = positive_float(meta.get("inter_spot_dist"))
     spacing_px = _median_spacing(centres_px)
     spacing_um = None if spacing_px is None else spacing_px * pixel_size
     if tech == "visium" or tech.startswith("visium v") or tech.startswith("visium cytassist"):

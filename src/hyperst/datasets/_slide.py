@@ -21,7 +21,7 @@ import numpy as np
 
 from hyperst._constants import Key
 from hyperst._logging import logger
-from hyperst.datasets._utils import image_key, normalise_chunks
+from hyperst.datasets._utils import image_key, normalise_chunks, positive_float
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
@@ -65,7 +65,7 @@ def _aperio_mpp(description: str | None) -> float | None:
     if not description or not description.startswith("Aperio"):
         return None
     match = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", description)
-    return _positive(match.group(1)) if match else None
+    return positive_float(match.group(1)) if match else None
 
 
 def _ome_pixel_size(xml: str | None, index: int) -> float | None:
@@ -80,17 +80,9 @@ def _ome_pixel_size(xml: str | None, index: int) -> float | None:
     if not pixels:
         return None
     el = pixels[min(index, len(pixels) - 1)]
-    size = _positive(el.get("PhysicalSizeX"))
+    size = positive_float(el.get("PhysicalSizeX"))
     factor = _OME_UNITS.get(el.get("PhysicalSizeXUnit", "µm"))
     return None if size is None or factor is None else size * factor
-
-
-def _positive(value: Any) -> float | None:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if np.isfinite(out) and out > 0 else None
 
 
 # --------------------------------------------------------------------------------------------- tifffile
@@ -199,7 +191,7 @@ def _openslide_levels(file: Path, chunk: int) -> tuple[list[Any], dict[str, Any]
     module = _slide_module()
     slide = _open_slide(str(file), module)
     props = dict(slide.properties)
-    pixel_size = _positive(props.get(f"{module}.mpp-x") or props.get("openslide.mpp-x"))
+    pixel_size = positive_float(props.get(f"{module}.mpp-x") or props.get("openslide.mpp-x"))
     levels = []
     keep = _consistent_levels([(int(h), int(w)) for w, h in slide.level_dimensions])
     for lv in keep:
@@ -383,7 +375,7 @@ def read_slide(
     from spatialdata import SpatialData
 
     file = Path(file).expanduser()
-    if pixel_size is not None and _positive(pixel_size) is None:
+    if pixel_size is not None and positive_float(pixel_size) is None:
         raise ValueError(f"`pixel_size` must be a positive number of µm per pixel, got {pixel_size!r}.")
     if sample is None:  # the file name without its suffixes, in the characters spatialdata allows in names
         sample = re.sub(r"[^\w.-]", "_", file.name.split(".")[0]) or "slide"

@@ -30,6 +30,7 @@ __all__ = [
     "parse_circles",
     "parse_rgb_image",
     "parse_table",
+    "positive_float",
     "raw_counts",
     "reindex_columns",
     "spot_metadata",
@@ -38,6 +39,15 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- element names and parsing
+def positive_float(value: Any) -> float | None:
+    """``value`` as a positive finite float, else ``None`` (metadata fields may be null, NaN or text)."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if np.isfinite(out) and out > 0 else None
+
+
 def image_key(sample: str) -> str:
     """Name of the image element of ``sample``."""
     return f"{sample}_image"
