@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import anndata as ad
@@ -79,3 +83,45 @@ def make_feature_slide() -> Callable[..., ad.AnnData]:
 def make_feature_sdata() -> Callable[..., Any]:
     """:func:`feature_sdata`: a synthetic SpatialData whose table already has image features."""
     return feature_sdata
+
+
+_RANK_VARS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK", "GROUP_RANK",
+              "LOCAL_WORLD_SIZE", "PL_GLOBAL_SEED", "SLURM_JOB_ID", "SLURM_NTASKS")
+
+
+@contextlib.contextmanager
+def rank_group(cmd: Sequence[str], *, timeout: float, what: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """Run a script that launches CPU DDP ranks (gloo) and yield ``(process, output)`` once it has exited.
+
+    The script runs in its own session, so Lightning's extra ranks join its process group and are killed with
+    it on exit; the environment has no rank variables of an outer launcher, no GPU and one thread per rank.
+    Skips without gloo; fails with the output when the script exits non-zero or runs past ``timeout``.
+    """
+    import pytest
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    env = {k: v for k, v in os.environ.items() if k not in _RANK_VARS}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env["OMP_NUM_THREADS"] = "1"  # two ranks on a (possibly) two-core machine
+    proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        try:
+            log, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            log, _ = proc.communicate()
+            pytest.fail(f"{what} did not finish in {timeout} s:\n{log[-4000:]}")
+        assert proc.returncode == 0, log[-4000:]
+        yield proc, log
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # leftovers of our group only
+
+
+@pytest.fixture(scope="session")
+def ddp_ranks() -> Callable[..., Any]:
+    """:func:`rank_group`: run a CPU DDP launch script in its own process group."""
+    return rank_group

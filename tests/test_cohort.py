@@ -8,11 +8,8 @@ functions (``image_features``, ``predict``) give the reference every cohort resu
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -244,39 +241,14 @@ def test_bad_arguments_are_clear_errors(cohort, tmp_path, monkeypatch) -> None:
         hst.pp.read_cohort(out)["slide2"]
 
 
-def _clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK",
-                        "GROUP_RANK", "LOCAL_WORLD_SIZE", "PL_GLOBAL_SEED", "SLURM_JOB_ID", "SLURM_NTASKS")}
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    env["OMP_NUM_THREADS"] = "1"  # two ranks on a (possibly) two-core machine
-    return env
-
-
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process(cohort, tmp_path) -> None:
+def test_two_gloo_processes_match_one_process(cohort, tmp_path, ddp_ranks) -> None:
     pytest.importorskip("lightning")
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path / "run"
     cmd = [sys.executable, str(SCRIPT), str(cohort["root"] / "model"), *map(str, cohort["paths"]),
            "--out", str(out), "--device", "cpu", "--devices", "2"]
-    # own process group (new session): Lightning's rank-1 child joins it, so it can be cleaned up as a whole
-    proc = subprocess.Popen(cmd, env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        try:
-            log, _ = proc.communicate(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            log, _ = proc.communicate()
-            pytest.fail(f"cohort DDP run did not finish in {TIMEOUT_S} s:\n{log[-4000:]}")
-        assert proc.returncode == 0, log[-4000:]
-    finally:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)  # leftovers of our group only
+    with ddp_ranks(cmd, timeout=TIMEOUT_S, what="cohort DDP run") as (proc, _):
+        pass
 
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in ranks] == [0, 1]

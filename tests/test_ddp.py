@@ -6,12 +6,9 @@ subprocess (the example script), never inside pytest.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,40 +33,17 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
+def test_ddp_two_cpu_processes(tmp_path: Path, ddp_ranks) -> None:
     pytest.importorskip("lightning")
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK",
-                        "GROUP_RANK", "LOCAL_WORLD_SIZE", "PL_GLOBAL_SEED", "SLURM_JOB_ID", "SLURM_NTASKS")}
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    env["OMP_NUM_THREADS"] = "1"  # two ranks on a (possibly) two-core machine
-    # own process group (new session): Lightning's rank-1 child joins it, so it can be cleaned up as a whole
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(out), "--devices", "2", "--epochs", "3"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
-    try:
-        try:
-            log, _ = proc.communicate(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            log, _ = proc.communicate()
-            pytest.fail(f"DDP run did not finish in {TIMEOUT_S} s:\n{log[-4000:]}")
-        assert proc.returncode == 0, log[-4000:]
+    cmd = [sys.executable, str(SCRIPT), str(out), "--devices", "2", "--epochs", "3"]
+    with ddp_ranks(cmd, timeout=TIMEOUT_S, what="DDP run") as (proc, _):
         markers = sorted(out.glob("rank*.json"))
         ranks = [json.loads(m.read_text()) for m in markers]
         # give the rank-1 process a moment to exit by itself
         deadline = time.monotonic() + 30
         while any(_alive(r["pid"]) for r in ranks if r["pid"] != proc.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-    finally:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)  # leftovers of our group only
 
     # two processes took part, in one gloo process group of size 2
     assert [m.name for m in markers] == ["rank0.json", "rank1.json"]
