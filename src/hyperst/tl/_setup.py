@@ -71,6 +71,9 @@ class TrainingData:
     crop_geometry: dict | None
     spot_geometry: dict
     niche_targets: np.ndarray | None = None
+    spot_views: np.ndarray | None = None
+    niche_views: np.ndarray | None = None
+    view_names: list[str] | None = None
 
     @property
     def adatas(self) -> list[AnnData]:
@@ -187,11 +190,50 @@ def register(
             niche = np.concatenate([feature_matrix(a, options.niche_key, "niche") for a in adatas])
             if niche.shape[1] != spot.shape[1]:
                 raise ValueError(f"Spot ({spot.shape[1]}) and niche ({niche.shape[1]}) features differ in size.")
+    views = view_matrices(adatas, options, niche=niche is not None) if mode == "frozen" else None
     return TrainingData(
         mode=mode, parts=parts, genes=genes, targets=y, samples=_samples(adatas, options.sample_key),
         coords=_coords(adatas), spot=spot, niche=niche, backbone=backbone, crop_geometry=crop_record,
-        spot_geometry=spot_geometry,
+        spot_geometry=spot_geometry, **(views or {}),
     )
+
+
+def view_matrices(adatas: Sequence[AnnData], options: DataOptions, *, niche: bool) -> dict[str, Any] | None:
+    """The augmented-view features of the training tables (``options.views``), or ``None`` when not used.
+
+    Views are used only when every table has them under the same names (the feature record's ``"views"``);
+    ``options.views`` as a list picks views by name.
+    """
+    if options.views is False or options.spot_key != Key.OBSM_FEATURES_SPOT:
+        return None
+    from hyperst.pp._views import recorded_views
+
+    named = [recorded_views(a) for a in adatas]
+    have = [Key.OBSM_VIEWS_SPOT in a.obsm and bool(n) for a, n in zip(adatas, named, strict=True)]
+    wanted = options.views if isinstance(options.views, list) else None
+    if not any(have):
+        if wanted:
+            raise ValueError(f"`views={wanted}`: the training tables have no view features; compute them with "
+                             "`hst.pp.image_features(sdata, views=...)`.")
+        return None
+    names = list(named[have.index(True)])
+    if not all(have) or any(list(n) != names for n in named):
+        raise ValueError("Some training tables have augmented views and others have none or other ones "
+                         f"({[list(n) for n in named]}): compute the same `views=` for every table, or pass "
+                         "`views=False`.")
+    pick = list(range(len(names)))
+    if wanted:
+        missing = [v for v in wanted if v not in names]
+        if missing:
+            raise ValueError(f"`views` names {missing}, which the tables do not have; they have {names}.")
+        pick = [names.index(v) for v in wanted]
+    spot = np.concatenate([np.asarray(a.obsm[Key.OBSM_VIEWS_SPOT], dtype=np.float32)[:, pick] for a in adatas])
+    out: dict[str, Any] = {"spot_views": spot, "view_names": [names[i] for i in pick]}
+    if niche:
+        out["niche_views"] = np.concatenate(
+            [np.asarray(a.obsm[Key.OBSM_VIEWS_NICHE], dtype=np.float32)[:, pick] for a in adatas])
+    logger.info(f"training on {len(pick)} augmented views besides the clean features: {out['view_names']}")
+    return out
 
 
 def _check_spot_counts(parts: Sequence[Part], which: str) -> None:
@@ -255,7 +297,7 @@ def _feature_origin(adata: AnnData) -> tuple[dict | None, dict | None]:
 
 
 def _same_backbone(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    """Same architecture, pooling and weights file (by name: a model folder moves between machines).
+    """Same architecture, pooling, test-time augmentation and weights file (by name: a folder moves between machines).
 
     The LoRA adapters must match too when both records have them.
     """
@@ -265,7 +307,10 @@ def _same_backbone(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
         w = spec.get("weights")
         return None if w is None else PurePath(str(w)).name
 
-    same = (a.get("name"), a.get("pool"), weights(a)) == (b.get("name"), b.get("pool"), weights(b))
+    def key(spec: Mapping[str, Any]) -> tuple:
+        return spec.get("name"), spec.get("pool"), spec.get("tta"), weights(spec)
+
+    same = key(a) == key(b)
     if "adapters" in a and "adapters" in b:
         same = same and a["adapters"] == b["adapters"]
     return same
@@ -295,9 +340,12 @@ def check_feature_origin(
         raise ValueError(f"The image features of {what} were made with crop geometry {have_geom}, "
                          f"{reference} with {jsonable(dict(crop_geometry))}. {fix}")
     if backbone is not None and have_bb is not None and not _same_backbone(jsonable(dict(backbone)), have_bb):
-        raise ValueError(f"The image features of {what} come from backbone {have_bb.get('name')!r} (weights "
-                         f"{have_bb.get('weights')!r}), {reference} from {backbone.get('name')!r} (weights "
-                         f"{backbone.get('weights')!r}). {fix}")
+        def desc(spec: Mapping[str, Any]) -> str:
+            return (f"{spec.get('name')!r} (weights {spec.get('weights')!r}, pool {spec.get('pool', 'default')!r}, "
+                    f"tta {spec.get('tta')!r})")
+
+        raise ValueError(f"The image features of {what} come from backbone {desc(have_bb)}, {reference} from "
+                         f"{desc(backbone)}. {fix}")
 
 
 def _provenance(adatas: list[AnnData]) -> tuple[dict | None, dict | None, dict]:
