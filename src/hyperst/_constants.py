@@ -41,6 +41,10 @@ class Key:
     OBSM_FEATURES_SPOT: Final[str] = "hyperst_features_spot"
     #: ``.obsm`` key of frozen backbone features of the niche crops.
     OBSM_FEATURES_NICHE: Final[str] = "hyperst_features_niche"
+    #: ``.obsm`` key of the spot-crop features of augmented views (``(n, n_views, D)``, ``image_features(views=)``).
+    OBSM_VIEWS_SPOT: Final[str] = "hyperst_features_spot_views"
+    #: ``.obsm`` key of the niche-crop features of augmented views.
+    OBSM_VIEWS_NICHE: Final[str] = "hyperst_features_niche_views"
     #: ``.obsp`` key prefix of the niche graph (squidpy writes ``{prefix}_connectivities``/``_distances``).
     OBSP_NICHE_PREFIX: Final[str] = "hyperst_niche"
     #: ``.obsp`` key of the niche adjacency (binary, without self loops).

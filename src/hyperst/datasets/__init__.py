@@ -12,9 +12,9 @@
 
 from hyperst.datasets._her2st import her2st
 from hyperst.datasets._hest import hest
-from hyperst.datasets._shift import degrade
 from hyperst.datasets._slide import read_slide, read_wsi
 from hyperst.datasets._synthetic import synthetic
 from hyperst.datasets._visium import legacy, visium, visium_pixel_size
+from hyperst.pp._degrade import degrade
 
 __all__ = ["degrade", "her2st", "hest", "legacy", "read_slide", "read_wsi", "synthetic", "visium", "visium_pixel_size"]

@@ -4,7 +4,8 @@
 - :func:`niches` / :func:`aggregate_niches`: neighbour graph and niche expression (over any graph);
 - :func:`select_genes` / :func:`targets`: genes to predict and their log2(1 + counts) targets;
 - :func:`crops` / :class:`SpotCropDataset`: physical spot and niche crops, streamed from the pyramid;
-- :func:`image_features`: frozen backbone features of every spot and niche crop;
+- :func:`image_features`: frozen backbone features of every spot and niche crop (and of augmented views,
+  :data:`DEFAULT_VIEWS`);
 - :func:`image_features_cohort` / :func:`read_cohort`: the same over many slides and devices, into a resumable store;
 - :func:`tissue_mask` / :func:`tissue_threshold` / :func:`tissue_fraction` / :func:`grid_spots`: tissue
   detection (one per-slide Otsu threshold) and pseudo-spots for H&E-only slides;
@@ -40,6 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from hyperst.pp._pyramid import ImagePyramid
     from hyperst.pp._spots import SampleSpots, resolve_spots, spot_table
     from hyperst.pp._tissue import TissueThreshold, grid_spots, tissue_fraction, tissue_mask, tissue_threshold
+    from hyperst.pp._views import DEFAULT_VIEWS
 
 _LAZY_IMPORTS: dict[str, str] = {
     "KNOWN_BACKBONES": "hyperst.pp._backbone",
@@ -75,9 +77,11 @@ _LAZY_IMPORTS: dict[str, str] = {
     "tissue_fraction": "hyperst.pp._tissue",
     "tissue_mask": "hyperst.pp._tissue",
     "tissue_threshold": "hyperst.pp._tissue",
+    "DEFAULT_VIEWS": "hyperst.pp._views",
 }
 
 __all__ = [
+    "DEFAULT_VIEWS",
     "KNOWN_BACKBONES",
     "LAYOUTS",
     "BackboneSpec",

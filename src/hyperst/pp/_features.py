@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
     from spatialdata import SpatialData
 
-__all__ = ["SampleCrops", "crop_geometry", "crops", "image_features"]
+__all__ = ["Extracted", "SampleCrops", "crop_geometry", "crops", "image_features", "slide_features"]
 
 
 @dataclass
@@ -270,6 +270,7 @@ def image_features(
     cache_dir: str | Path | None = None,
     recompute: bool = False,
     compile: bool = False,
+    views: Mapping[str, Mapping[str, Any]] | Literal["default"] | None = None,
     progress: bool = True,
 ) -> AnnData:
     """Frozen backbone features of every spot's spot and niche crop, written to the table.
@@ -308,6 +309,16 @@ def image_features(
     compile
         ``torch.compile`` the backbone (see :func:`extract_features`): about a minute of compilation, then
         ≈2× faster on CPU; for slides with thousands of spots. Features match eager ones to ~1e-5.
+    views
+        Augmented views for training in frozen mode: ``name → options of`` :func:`hyperst.datasets.degrade`
+        (``pixel_size``, ``stain``, ``background``, ``jpeg_quality``, ``seed``), e.g. :data:`DEFAULT_VIEWS`
+        (the slides at 1, 2 and 4 µm/px, a HED stain shift, background painted black and white). Every slide
+        is degraded that way and featurised by the same backbone and crop path; the features go to
+        ``.obsm["hyperst_features_spot_views"]`` / ``["hyperst_features_niche_views"]`` (float32
+        ``(n, n_views, D)``, views in the order given) and :func:`hyperst.tl.fit` draws one of the clean and
+        view features of each spot per epoch, so the model learns from the spot as other scanners,
+        resolutions, stain batches and exports show it. A ``pixel_size`` finer than a slide's own leaves that
+        slide's resolution as it is. ``"default"``: :data:`DEFAULT_VIEWS`. Costs one extraction per view.
     progress
         Show progress bars (one per slide and crop kind, e.g. "spot features sample0").
 
@@ -315,7 +326,7 @@ def image_features(
     -------
     The table, with ``.obsm["hyperst_features_spot"]`` and ``.obsm["hyperst_features_niche"]``
     (float32 ``(n, D)``), ``.obs["hyperst_tissue_fraction"]``, ``.obs["hyperst_pad_fraction"]``,
-    ``.uns["hyperst"]["features"]`` (backbone, crop geometry, spots),
+    ``.uns["hyperst"]["features"]`` (backbone, crop geometry, spots, views), the view features with ``views``,
     ``.uns["hyperst"]["spots"][sample]`` (the resolved geometry) and ``.uns["hyperst"]["colour"][sample]``
     (mean and standard deviation over spots of the spot crops' optical density per RGB channel,
     :func:`crop_optical_density`; :func:`hyperst.tl.predict` compares a new slide's with the training slides').
@@ -341,6 +352,10 @@ def image_features(
             spec.weights = str(weights)
     geom = _as_geometry(geometry, spots)
     record = _feature_record(spec, geom, spots, sdata)
+    if views:
+        from hyperst.pp._views import check_views, views_record
+
+        record["views"] = views_record(check_views(views))
     if module is not None:
         record["backbone"]["adapters"] = _adapter_digest(module)
     uns = table.uns.setdefault(Key.UNS, {})
@@ -354,11 +369,6 @@ def image_features(
         return table
 
     model = module or load_backbone(spec, allow_download=allow_download, random_init=random_init, device="cpu")
-    feats: dict[str, np.ndarray] = {}
-    pad = np.zeros(table.n_obs, dtype=np.float32)
-    tissue = np.zeros(table.n_obs, dtype=np.float32)
-    covered = np.zeros(table.n_obs, dtype=bool)
-    colour: dict[str, dict[str, list[float]]] = {}
     read = 64 if batch_size == "auto" else batch_size  # crops per read; the forward batch is extract_features'
     cached: list[SampleCrops | None] = [None] * len(spots)
     if cache_dir is not None:  # crops go through the on-disk cache (written once, memory-mapped after)
@@ -367,31 +377,28 @@ def image_features(
                             coordinate_system=coordinate_system, pixel_size=pixel_size,
                             spot_diameter=spot_diameter, pitch=pitch, cache_dir=cache_dir,
                             batch_size=read, progress=progress))
-    for s, sc in zip(spots, cached, strict=True):
-        if s.table_rows is None:
-            raise ValueError(f"Spots `{s.shapes_key}` have no rows in table `{tkey}`.")
-        image = sdata.images[s.image_key]
-        threshold = _slide_threshold(image, s) if sc is None else None
-        for name, side in zip(("spot", "niche"), geom.sides_px(s.pixel_size), strict=True):
-            logger.info(f"{s.sample}: {name} features for {s.n_spots} spots")
-            seen: list[_Seen] = []  # rows, pad and tissue fraction of each batch, never the crops
-            stream = _stream(image, s, side, geom, read, sc, name, threshold, seen)
-            f = extract_features(model, stream, device=device, batch_size=batch_size, n_total=s.n_spots,
-                                 progress=progress, compile=compile, desc=f"{name} features {s.sample}")
-            target = s.table_rows[np.concatenate([b.index for b in seen])]
-            feats.setdefault(name, np.zeros((table.n_obs, f.shape[1]), dtype=np.float32))[target] = f
-            if name == "spot":
-                pad[target] = np.concatenate([b.pad for b in seen])
-                tissue[target] = np.concatenate([b.tissue for b in seen])
-                covered[target] = True
-                od = np.concatenate([b.od for b in seen])
-                od = od[np.isfinite(od).all(1)]
-                if len(od):
-                    colour[s.sample] = {"od_mean": od.mean(0).tolist(), "od_std": od.std(0).tolist()}
+    run = {"device": device, "batch_size": batch_size, "progress": progress, "compile": compile}
+    got = slide_features(sdata, spots, model, geom, table.n_obs, cached=cached, **run)
+    feats, pad, tissue, covered, colour = got.features, got.pad, got.tissue, got.covered, got.colour
+    view_arrays = None
+    if views:
+        from hyperst.pp._views import view_features
+
+        view_arrays = view_features(
+            sdata, views, model, geom, table.n_obs,
+            spots_kwargs={"image_key": image_key, "shapes_key": shapes_key, "table_key": table_key,
+                          "coordinate_system": coordinate_system, "spot_diameter": spot_diameter, "pitch": pitch},
+            **run,
+        )
     if not covered.all():
         logger.warning(f"{int((~covered).sum())} table rows have no spot: their features are zero")
     table.obsm[Key.OBSM_FEATURES_SPOT] = feats["spot"]
     table.obsm[Key.OBSM_FEATURES_NICHE] = feats["niche"]
+    for key in (Key.OBSM_VIEWS_SPOT, Key.OBSM_VIEWS_NICHE):
+        table.obsm.pop(key, None)
+    if view_arrays is not None:
+        table.obsm[Key.OBSM_VIEWS_SPOT] = view_arrays["spot"]
+        table.obsm[Key.OBSM_VIEWS_NICHE] = view_arrays["niche"]
     table.obs[Key.OBS_TISSUE_FRACTION] = tissue
     table.obs[Key.OBS_PAD_FRACTION] = pad
     uns[Key.UNS_FEATURES] = record
@@ -401,6 +408,66 @@ def image_features(
         summary = {k: v for k, v in s.summary().items() if v is not None}  # h5ad cannot store None
         spots_meta[s.sample] = {**dict(spots_meta.get(s.sample, {})), **summary}
     return table
+
+
+class Extracted(NamedTuple):
+    """What :func:`slide_features` computed, over the rows of the table."""
+
+    features: dict[str, np.ndarray]  # "spot" / "niche" → (n_obs, D)
+    pad: np.ndarray
+    tissue: np.ndarray
+    covered: np.ndarray
+    colour: dict[str, dict[str, list[float]]]
+
+
+def slide_features(
+    sdata: SpatialData,
+    spots: Sequence[SampleSpots],
+    model: torch.nn.Module,
+    geom: CropGeometry,
+    n_obs: int,
+    *,
+    cached: Sequence[SampleCrops | None] | None = None,
+    device: str = "auto",
+    batch_size: int | Literal["auto"] = "auto",
+    progress: bool = True,
+    compile: bool = False,
+    label: str = "",
+) -> Extracted:
+    """Spot and niche features of every slide's spots through ``model``, placed at the spots' table rows.
+
+    The one extraction loop of :func:`image_features` (and of its augmented views): crops are streamed
+    slide by slide and crop kind by crop kind, never all in memory.
+    """
+    feats: dict[str, np.ndarray] = {}
+    pad = np.zeros(n_obs, dtype=np.float32)
+    tissue = np.zeros(n_obs, dtype=np.float32)
+    covered = np.zeros(n_obs, dtype=bool)
+    colour: dict[str, dict[str, list[float]]] = {}
+    read = 64 if batch_size == "auto" else batch_size  # crops per read; the forward batch is extract_features'
+    cached = [None] * len(spots) if cached is None else cached
+    for s, sc in zip(spots, cached, strict=True):
+        if s.table_rows is None:
+            raise ValueError(f"Spots `{s.shapes_key}` have no rows in the table.")
+        image = sdata.images[s.image_key]
+        threshold = _slide_threshold(image, s) if sc is None else None
+        for name, side in zip(("spot", "niche"), geom.sides_px(s.pixel_size), strict=True):
+            logger.info(f"{s.sample}: {name} features for {s.n_spots} spots{label}")
+            seen: list[_Seen] = []  # rows, pad and tissue fraction of each batch, never the crops
+            stream = _stream(image, s, side, geom, read, sc, name, threshold, seen)
+            f = extract_features(model, stream, device=device, batch_size=batch_size, n_total=s.n_spots,
+                                 progress=progress, compile=compile, desc=f"{name} features {s.sample}{label}")
+            target = s.table_rows[np.concatenate([b.index for b in seen])]
+            feats.setdefault(name, np.zeros((n_obs, f.shape[1]), dtype=np.float32))[target] = f
+            if name == "spot":
+                pad[target] = np.concatenate([b.pad for b in seen])
+                tissue[target] = np.concatenate([b.tissue for b in seen])
+                covered[target] = True
+                od = np.concatenate([b.od for b in seen])
+                od = od[np.isfinite(od).all(1)]
+                if len(od):
+                    colour[s.sample] = {"od_mean": od.mean(0).tolist(), "od_std": od.std(0).tolist()}
+    return Extracted(feats, pad, tissue, covered, colour)
 
 
 def _adapter_digest(module: torch.nn.Module) -> str:
