@@ -329,8 +329,8 @@ class FeatureDataModule(SpotDataModule):
         self.data = data
 
     def dataset(self, index: np.ndarray, *, train: bool) -> Dataset:
-        """Feature rows ``index`` as tensors."""
-        return FeatureDataset(self.data, index)
+        """Feature rows ``index`` as tensors (training rows draw among the augmented views, if any)."""
+        return FeatureDataset(self.data, index, views=train, seed=self.seed)
 
 
 class CropDataModule(SpotDataModule):

@@ -156,7 +156,7 @@ def checkpoint_dir(model: HyperST, reg: TrainingData, options: TrainOptions) -> 
     }
     frozen = reg.mode == "frozen"
     data = data_digest(reg.spot if frozen else np.asarray(reg.spot.shape), reg.niche if frozen else None,
-                       reg.targets, reg.niche_targets, reg.samples.astype(str))
+                       reg.targets, reg.niche_targets, reg.samples.astype(str), reg.spot_views, reg.niche_views)
     assert options.checkpoint_dir is not None
     return CheckpointDir(options.checkpoint_dir, settings=settings, data=data)
 

@@ -54,6 +54,7 @@ def fit(
     n_members: int | Literal["auto"] = "auto",
     spot_key: str = Key.OBSM_FEATURES_SPOT,
     niche_key: str = Key.OBSM_FEATURES_NICHE,
+    views: bool | Sequence[str] = True,
     max_epochs: int = 200,
     batch_size: int = 128,
     lr: float = 1e-4,
@@ -101,8 +102,10 @@ def fit(
         The image side (:class:`ImageOptions`): the backbone that computes missing features in frozen mode
         and is fine-tuned in LoRA mode, its LoRA settings (:class:`LoraSpec`), the crop geometry, an
         on-disk crop cache and the dihedral augmentation of LoRA training crops.
-    validation, val_fraction, sample_key, table_key, layer, normalize, min_tissue, spot_key, niche_key
-        Which spots and values the model trains on (:class:`DataOptions`). ``validation="auto"`` holds out
+    validation, val_fraction, sample_key, table_key, layer, normalize, min_tissue, spot_key, niche_key, views
+        Which spots and values the model trains on (:class:`DataOptions`). ``views``: train also on the
+        augmented views that ``hst.pp.image_features(..., views=...)`` computed (other resolutions, stains,
+        exports of the same spots), when the tables have them. ``validation="auto"`` holds out
         whole slides when there are three or more, else spatially blocked spots
         (:class:`hyperst.data.DataSplitter`); ``None`` trains on everything for ``max_epochs`` (and the
         model then has no prediction intervals).
@@ -150,7 +153,7 @@ def fit(
                               num_nodes=num_nodes, trainer_kwargs=trainer_kwargs)
     options = DataOptions(validation=validation, val_fraction=val_fraction, sample_key=sample_key, table_key=table_key,
                           layer=layer, normalize=normalize, min_tissue=min_tissue, spot_key=spot_key,
-                          niche_key=niche_key, n_members=n_members)
+                          niche_key=niche_key, views=views, n_members=n_members)
     image = ImageOptions(backbone=backbone, weights=weights, random_init=random_init, lora=lora, geometry=geometry,
                          cache_dir=cache_dir, augment=augment)
     with restore_on_error(data if isinstance(data, Sequence) else [data]):  # a failed fit leaves `data` as it was

@@ -437,7 +437,8 @@ class HyperST:
                 std=self.backbone["std"], augment=self.image_options.augment, **loader,
             )
         else:
-            arrays = FeatureData(spot=reg.spot, niche=niche, targets=reg.targets, niche_targets=reg.niche_targets)
+            arrays = FeatureData(spot=reg.spot, niche=niche, targets=reg.targets, niche_targets=reg.niche_targets,
+                                 spot_views=reg.spot_views, niche_views=reg.niche_views if niche is not None else None)
             dm = FeatureDataModule(arrays, train_mask, val_mask, **loader)
         dm.split = split
         return dm

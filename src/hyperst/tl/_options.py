@@ -143,6 +143,11 @@ class DataOptions:
         from :func:`hyperst.pp.image_features`; the reference uses 0.15). ``None``: all spots.
     spot_key, niche_key
         ``.obsm`` keys of the spot and niche image features (frozen mode).
+    views
+        Frozen mode: also train on the augmented views of the spots (``.obsm["hyperst_features_spot_views"]``
+        and ``["hyperst_features_niche_views"]``, from ``hst.pp.image_features(..., views=...)``) when every
+        training table has them: each epoch shows every training spot as its clean or one of its view features
+        (validation spots: clean). ``True``: all views; a list of view names: those; ``False``: clean only.
     n_members
         Ensemble members. ``"auto"``: one per validation fold of slides, ``min(5, n_slides)`` when slides are
         held out (three or more slides), else 1. Each member validates on its own slides (every slide is
@@ -160,6 +165,7 @@ class DataOptions:
     min_tissue: float | None = None
     spot_key: str = Key.OBSM_FEATURES_SPOT
     niche_key: str = Key.OBSM_FEATURES_NICHE
+    views: bool | Sequence[str] = True
     n_members: int | str = "auto"
 
     def __post_init__(self) -> None:
@@ -170,6 +176,10 @@ class DataOptions:
         ok = isinstance(self.val_fraction, int | float) and not isinstance(self.val_fraction, bool)
         if not ok or not 0 < self.val_fraction < 1:
             raise ValueError(f"`val_fraction` must be in (0, 1), got {self.val_fraction!r}.")
+        if not isinstance(self.views, bool):
+            if isinstance(self.views, str) or not all(isinstance(v, str) for v in self.views):
+                raise TypeError(f"`views` must be True, False or a list of view names, got {self.views!r}.")
+            object.__setattr__(self, "views", [str(v) for v in self.views])
         if self.min_tissue is not None and not 0 <= self.min_tissue <= 1:
             raise ValueError(f"`min_tissue` must be in [0, 1], got {self.min_tissue}.")
 
