@@ -37,7 +37,7 @@ DEFAULT_GENE_SETS: dict[str, dict[str, Any]] = {
 }
 #: ``fit`` options of the CPU-sized configuration shared by every HyperST variant.
 DEFAULT_FIT_KWARGS: dict[str, Any] = {"config": {"emb_dim": 256}, "lr": 1e-3, "batch_size": 64, "max_epochs": 100}
-_RESERVED_FIT = ("genes", "seed", "preset", "validation", "table_key", "progress", "normalize", "mode")
+_RESERVED_FIT = ("genes", "seed", "preset", "validation", "table_key", "progress", "normalize", "mode", "views")
 
 
 # ---------------------------------------------------------------------------------------------- one job
@@ -59,17 +59,32 @@ def _run_job(job: Job, shared: Shared) -> JobResult:
     xs_all = np.asarray(table.obsm[shared.spot_key], dtype=np.float32)
     xn_all = np.asarray(table.obsm[shared.niche_key], dtype=np.float32) if shared.niche_key in table.obsm else None
     ytr, yva, yte = y_all[fitm], y_all[val], y_all[test]
-    groups_test = table.obs[shared.sample_key].astype(str).to_numpy()[test] if shared.sample_key in table.obs else None
+    groups_all = table.obs[shared.sample_key].astype(str).to_numpy() if shared.sample_key in table.obs else None
 
-    def feats(mask: np.ndarray, niche: bool) -> np.ndarray:
+    def feats(mask: np.ndarray, niche: bool, xs: np.ndarray = xs_all, xn: np.ndarray | None = xn_all) -> np.ndarray:
         if not niche:
-            return xs_all[mask]
-        if xn_all is None:
+            return xs[mask]
+        if xn is None:
             raise ValueError(f"Method needs niche features in `.obsm[{shared.niche_key!r}]`.")
-        return np.concatenate([xs_all[mask], xn_all[mask]], axis=1)
+        return np.concatenate([xs[mask], xn[mask]], axis=1)
+
+    # the held-out spots as the shifted slides show them: rows covered by each shift's features
+    shifted = {name: (xs, xn, test & covered) for name, (xs, xn, covered) in shared.shifts.items()}
+    views = _view_arrays(table, shared) if shared.views else None
+
+    def fit_rows(niche: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Features and targets of the fitting spots, with their augmented views as extra rows."""
+        x, y = feats(fitm, niche), ytr
+        if views is not None:
+            vs, vn = views
+            for k in range(vs.shape[1]):
+                x = np.concatenate([x, feats(fitm, niche, vs[:, k], None if vn is None else vn[:, k])])
+                y = np.concatenate([y, ytr])
+        return x, y
 
     # fit sees the training + validation groups and holds out the validation group for early stopping
     train = fit_table(table, trval, genes, normalize=shared.normalize)
+    view_option: bool | list[str] = list(shared.views) if shared.views else False
     models: dict[str, tuple[Any, float]] = {}
 
     def hyperst_model(preset: str) -> tuple[Any, float]:
@@ -77,14 +92,14 @@ def _run_job(job: Job, shared: Shared) -> JobResult:
             t0 = time.perf_counter()
             model = fit_module.fit(
                 train, genes=genes, preset=preset, seed=job.seed, validation=list(job.val_groups),
-                normalize=shared.normalize, progress=False, **shared.fit_kwargs,
+                normalize=shared.normalize, views=view_option, progress=False, **shared.fit_kwargs,
             )
             models[preset] = (model, time.perf_counter() - t0)
         return models[preset]
 
     rows: list[dict] = []
+    shift_rows: list[dict] = []
     timings: list[dict] = []
-    extra: dict[str, Any] = {}  # intervals and uncertainty of the method scored next
     record: dict[str, Any] = {"gene_set": job.gene_set, "fold": job.fold, "seed": job.seed,
                               "test_groups": job.test_groups, "val_groups": job.val_groups,
                               "fit_groups": job.fit_groups, "n_genes": len(genes), "n_fit": int(fitm.sum()),
@@ -93,14 +108,22 @@ def _run_job(job: Job, shared: Shared) -> JobResult:
         t0 = time.perf_counter()
         info: dict[str, Any] = {}
         fit_seconds = predict_seconds = 0.0
-        if method.kind in FEATURE_BASELINES:  # fit and predict on the feature arrays
-            pred, info = FEATURE_BASELINES[method.kind](feats(fitm, method.niche), ytr, feats(val, method.niche), yva,
-                                                        feats(test, method.niche), job.seed)
+        # "clean" and each shift → (prediction, extra evaluate arguments: intervals, uncertainty)
+        preds: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}
+        if method.kind in FEATURE_BASELINES:  # fit and predict on the feature arrays, every test set at once
+            tests = {"clean": feats(test, method.niche), **{n: feats(m, method.niche, xs, xn)
+                                                            for n, (xs, xn, m) in shifted.items()}}
+            xfit, yfit = fit_rows(method.niche)
+            pred, info = FEATURE_BASELINES[method.kind](xfit, yfit, feats(val, method.niche), yva,
+                                                        np.concatenate(list(tests.values())), job.seed)
+            bounds = np.cumsum([0, *(len(x) for x in tests.values())])
+            preds = {n: (pred[a:b], {}) for n, a, b in zip(tests, bounds[:-1], bounds[1:], strict=True)}
             fit_seconds = time.perf_counter() - t0
         elif method.kind == "hyperst":
             model, fit_seconds = hyperst_model(str(method.preset))
             t1 = time.perf_counter()
-            pred, _ = model.predict_features(xs_all[test], None if xn_all is None else xn_all[test])
+            for n, (xs, xn, m) in {"clean": (xs_all, xn_all, test), **shifted}.items():
+                preds[n] = (model.predict_features(xs[m], None if xn is None else xn[m])[0], {})
             predict_seconds = time.perf_counter() - t1
             tr = model.training
             info = {"epochs": tr.get("epochs"), "best_epoch": tr.get("best_epoch"),
@@ -110,21 +133,26 @@ def _run_job(job: Job, shared: Shared) -> JobResult:
             groups = sorted(set(job.fit_groups) | set(job.val_groups))
             model = fit_module.fit(
                 train, genes=genes, preset=str(method.preset), seed=job.seed, validation="slide",
-                n_members=min(5, len(groups)), normalize=shared.normalize, progress=False, **shared.fit_kwargs,
+                n_members=min(5, len(groups)), normalize=shared.normalize, views=view_option, progress=False,
+                **shared.fit_kwargs,
             )
             fit_seconds = time.perf_counter() - t0
             t1 = time.perf_counter()
-            out = model.predict(_test_table(table, test, xs_all, xn_all, shared), progress=False)
+            for n, (xs, xn, m) in {"clean": (xs_all, xn_all, test), **shifted}.items():
+                out = model.predict(_test_table(table, m, xs, xn, shared), progress=False)
+                # a feature table holds no counts: the prediction is in .X
+                preds[n] = (out.X, {"intervals": (out.layers[Key.LAYER_LOWER], out.layers[Key.LAYER_UPPER]),
+                                    "uncertainty": out.obs[Key.OBS_UNCERTAINTY].to_numpy()})
+                if n == "clean":
+                    members, _ = model.predict_members(xs_all[test], None if xn_all is None else xn_all[test])
+                    info = {"member_pcc50": [pcc_at_k(pearson_per_gene(yte, p), 50) for p in members],
+                            "member_validation": [m["validation"] for m in model.training["members"]],
+                            "ood_fraction": float(out.obs[Key.OBS_OOD].mean()),
+                            "spearman_radius_mae": spearman(out.obs[Key.OBS_RADIUS].to_numpy(),
+                                                            np.abs(yte - np.asarray(out.X)).mean(1))}
+                else:
+                    info.setdefault("shift_ood_fraction", {})[n] = float(out.obs[Key.OBS_OOD].mean())
             predict_seconds = time.perf_counter() - t1
-            pred = out.X  # a feature table holds no counts: the prediction is in .X
-            extra = {"intervals": (out.layers[Key.LAYER_LOWER], out.layers[Key.LAYER_UPPER]),
-                     "uncertainty": out.obs[Key.OBS_UNCERTAINTY].to_numpy()}
-            members, _ = model.predict_members(xs_all[test], None if xn_all is None else xn_all[test])
-            info = {"member_pcc50": [pcc_at_k(pearson_per_gene(yte, p), 50) for p in members],
-                    "member_validation": [m["validation"] for m in model.training["members"]],
-                    "ood_fraction": float(out.obs[Key.OBS_OOD].mean()),
-                    "spearman_radius_mae": spearman(out.obs[Key.OBS_RADIUS].to_numpy(),
-                                                    np.abs(yte - np.asarray(pred)).mean(1))}
         elif method.kind == "retrieval":
             reused = str(method.preset) in models
             model, base_seconds = hyperst_model(str(method.preset))
@@ -134,28 +162,46 @@ def _run_job(job: Job, shared: Shared) -> JobResult:
                 yn = niche_targets(table[fitm].copy(), genes, layer=shared.layer,
                                    library_key=shared.sample_key if shared.sample_key in table.obs.columns else None)
             nsl = None if xn_all is None else xn_all
-            pred, info = retrieval_predict(
+            queries = {n: (xs[m], None if xn is None else xn[m])
+                       for n, (xs, xn, m) in {"test": (xs_all, nsl, test), **shifted}.items()}
+            got, info = retrieval_predict(
                 model, xs_all[fitm], None if nsl is None else nsl[fitm], ytr, yn,
-                {"val": (xs_all[val], None if nsl is None else nsl[val]),
-                 "test": (xs_all[test], None if nsl is None else nsl[test])}, yva,
+                {"val": (xs_all[val], None if nsl is None else nsl[val]), **queries}, yva,
             )
+            preds = {("clean" if n == "test" else n): (p, {}) for n, p in got.items()}
             # the cost of running this method alone: its network's fit plus the retrieval
             fit_seconds = base_seconds + (time.perf_counter() - t1)
             info["reused_fit"] = reused
         else:  # pragma: no cover - every registered kind is handled above
             raise ValueError(method.kind)
-        pred = np.asarray(pred, dtype=np.float32)
-        ev = evaluate(yte, pred, truth_transform="none", groups=groups_test, ks=shared.ks, **extra)
-        extra = {}
-        summary = ev.summary
-        for scope, metric, value in summary[["scope", "metric", "value"]].itertuples(index=False):
-            rows.append({"gene_set": job.gene_set, "method": method.name, "fold": job.fold, "seed": job.seed,
-                         "scope": str(scope), "metric": str(metric), "value": float(value)})
+        for n, (pred, extra) in preds.items():
+            mask = test if n == "clean" else shifted[n][2]
+            groups = None if groups_all is None else groups_all[mask]
+            ev = evaluate(y_all[mask], np.asarray(pred, dtype=np.float32), truth_transform="none", groups=groups,
+                          ks=shared.ks, **extra)
+            target = rows if n == "clean" else shift_rows
+            for scope, metric, value in ev.summary[["scope", "metric", "value"]].itertuples(index=False):
+                row = {"gene_set": job.gene_set, "method": method.name, "fold": job.fold, "seed": job.seed,
+                       "scope": str(scope), "metric": str(metric), "value": float(value)}
+                target.append(row if n == "clean" else {"shift": n, **row})
         timings.append({"gene_set": job.gene_set, "method": method.name, "fold": job.fold, "seed": job.seed,
                         "fit_s": fit_seconds, "predict_s": predict_seconds, "total_s": fit_seconds + predict_seconds})
         record["methods"][method.name] = jsonable(info)
+    record["shift_scores"] = shift_rows
     return rows, timings, record
 
+
+
+def _view_arrays(table: AnnData, shared: Shared) -> tuple[np.ndarray, np.ndarray | None]:
+    """The spot (and niche) features of the views ``shared.views`` of every row: ``(n, V, D)`` each."""
+    from hyperst.pp._views import recorded_views
+
+    names = list(recorded_views(table))
+    pick = [names.index(v) for v in shared.views or []]
+    vs = np.asarray(table.obsm[Key.OBSM_VIEWS_SPOT], dtype=np.float32)[:, pick]
+    vn = np.asarray(table.obsm[Key.OBSM_VIEWS_NICHE], dtype=np.float32)[:, pick] \
+        if Key.OBSM_VIEWS_NICHE in table.obsm else None
+    return vs, vn
 
 
 def _test_table(table: AnnData, test: np.ndarray, xs: np.ndarray, xn: np.ndarray | None, shared: Shared) -> AnnData:
@@ -197,6 +243,8 @@ def benchmark(
     niche_key: str = Key.OBSM_FEATURES_NICHE,
     layer: str | None = None,
     table_key: str | None = None,
+    shifts: Mapping[str, AnnData] | None = None,
+    views: bool | Sequence[str] = False,
     n_jobs: int = 1,
     threads_per_job: int | None = None,
     progress: bool = True,
@@ -253,6 +301,17 @@ def benchmark(
         Layer with raw counts (default ``.X``).
     table_key
         Table of the SpatialData in ``data``.
+    shifts
+        Domain-shifted copies of the held-out spots: ``name → AnnData`` whose ``.obsm[spot_key]`` /
+        ``.obsm[niche_key]`` hold the features of (some of) the same spots (matched by ``obs_names``) computed
+        on a degraded image (:func:`hyperst.datasets.degrade`: coarser, recompressed, stain-shifted, painted
+        background). Every method is trained once per job as usual and also scored on each shifted copy of
+        its held-out spots, into :attr:`BenchmarkResult.shift_scores` (:meth:`BenchmarkResult.shift_summary`).
+    views
+        Train every method on the augmented views of ``.obsm["hyperst_features_spot_views"]`` too
+        (``hst.pp.image_features(..., views=...)``): HyperST draws one view per spot and epoch
+        (``fit(views=...)``), the feature baselines get the views as extra training rows. ``True``: every view;
+        a list of names: those; ``False`` (default): clean features only, whatever the table holds.
     n_jobs
         Worker processes (one job = one fold × gene set × seed, all methods). With the same
         ``threads_per_job`` the results do not depend on it (the Her2ST run gave identical scores twice).
@@ -269,8 +328,9 @@ def benchmark(
     ------
     ValueError
         Unknown methods, missing features or groups, fewer than three groups (a training fold needs a
-        validation group and at least one fitting group), an empty or invalid fold, an invalid gene set, or
-        ``fit_kwargs`` setting an option reserved here.
+        validation group and at least one fitting group), an empty or invalid fold, an invalid gene set,
+        ``fit_kwargs`` setting an option reserved here, a shift table with unknown spots or features of another
+        width, or views the table does not have.
 
     Examples
     --------
@@ -319,6 +379,9 @@ def benchmark(
             "one for validation, one or more to fit on)."
         )
 
+    shift_arrays = _shift_arrays(table, shifts, spot_key, niche_key)
+    view_names = _check_views(table, views)
+
     gsets = dict(DEFAULT_GENE_SETS if gene_sets is None else gene_sets)
     if not gsets:
         raise ValueError("`gene_sets` is empty.")
@@ -356,13 +419,15 @@ def benchmark(
 
     threads = threads_per_job if threads_per_job is not None else (None if n_jobs == 1 else 1)
     shared = Shared(table=table, groupby=groupby, sample_key=sample_key, spot_key=spot_key, niche_key=niche_key,
-                    layer=layer, normalize=normalize, methods=chosen, ks=ks, fit_kwargs=opts, threads=threads)
+                    layer=layer, normalize=normalize, methods=chosen, ks=ks, fit_kwargs=opts, threads=threads,
+                    shifts=shift_arrays, views=view_names)
     logger.info(f"benchmark: {len(names)} methods × {len(fold_list)} folds × {len(gsets)} gene sets × "
                 f"{len(seeds)} seeds = {len(jobs)} jobs")
     t_start = time.perf_counter()
     results = run_jobs(_run_job, jobs, shared, n_jobs=n_jobs, progress=progress)
     scores = pd.DataFrame([r for res in results for r in res[0]])
     timings = pd.DataFrame([t for res in results for t in res[1]])
+    shift_scores = pd.DataFrame([r for res in results for r in res[2].pop("shift_scores", [])])
     meta = {
         "methods": names,
         "descriptions": {m.name: m.description for m in chosen},
@@ -372,10 +437,71 @@ def benchmark(
         "gene_sets": {k: (dict(v) if isinstance(v, Mapping) else "fixed list") for k, v in gsets.items()},
         "seeds": seeds,
         "normalize": normalize,
+        "shifts": list(shift_arrays),
+        "views": view_names or [],
         "ks": ks,
         "fit_kwargs": jsonable(opts),
         "n_jobs": n_jobs,
         "wall_seconds": time.perf_counter() - t_start,
         "jobs": [res[2] for res in results],
     }
-    return BenchmarkResult(scores=scores, timings=timings, meta=meta)
+    return BenchmarkResult(scores=scores, timings=timings, meta=meta,
+                           shift_scores=shift_scores if len(shift_scores) else None)
+
+
+def _shift_arrays(
+    table: AnnData, shifts: Mapping[str, AnnData] | None, spot_key: str, niche_key: str
+) -> dict[str, tuple[np.ndarray, np.ndarray | None, np.ndarray]]:
+    """Each shift's features over the rows of ``table`` (clean features where the shift has none) and its rows."""
+    out: dict[str, tuple[np.ndarray, np.ndarray | None, np.ndarray]] = {}
+    if shifts is None:
+        return out
+    if not isinstance(shifts, Mapping):
+        raise TypeError("`shifts` must be a dict name → AnnData of shifted features.")
+    for name, sh in shifts.items():
+        if str(name) == "clean":
+            raise ValueError("`shifts` may not be named 'clean': that name is the unshifted score.")
+        rows = table.obs_names.get_indexer(sh.obs_names)
+        if (rows < 0).any() or len(sh) == 0:
+            raise ValueError(f"`shifts[{name!r}]` has {int((rows < 0).sum())} spots that `data` lacks (matched by "
+                             f"obs_names), e.g. {list(sh.obs_names[rows < 0][:3])}, or none at all.")
+        arrays = []
+        for key in (spot_key, niche_key):
+            if key not in table.obsm:
+                arrays.append(None)
+                continue
+            if key not in sh.obsm:
+                raise ValueError(f"`shifts[{name!r}]` has no `.obsm[{key!r}]` features.")
+            clean = np.asarray(table.obsm[key], dtype=np.float32)
+            x = np.asarray(sh.obsm[key], dtype=np.float32)
+            if x.shape[1:] != clean.shape[1:] or not np.isfinite(x).all():
+                raise ValueError(f"`shifts[{name!r}].obsm[{key!r}]` must be finite features of width "
+                                 f"{clean.shape[1]}, got shape {x.shape}.")
+            full = clean.copy()
+            full[rows] = x
+            arrays.append(full)
+        covered = np.zeros(table.n_obs, dtype=bool)
+        covered[rows] = True
+        out[str(name)] = (arrays[0], arrays[1], covered)
+    return out
+
+
+def _check_views(table: AnnData, views: bool | Sequence[str]) -> list[str] | None:
+    """The view names every method trains on (``None``: none), checked against the table's views."""
+    if views is False:
+        return None
+    from hyperst.pp._views import recorded_views
+
+    have = list(recorded_views(table))
+    if not have or Key.OBSM_VIEWS_SPOT not in table.obsm:
+        raise ValueError("`views`: the table has no augmented views; compute them with "
+                         "`hst.pp.image_features(sdata, views=...)` or pass `views=False`.")
+    if views is True:
+        return have
+    if isinstance(views, str):
+        raise TypeError("`views` must be True, False or a list of view names.")
+    names = [str(v) for v in views]
+    missing = [v for v in names if v not in have]
+    if missing or not names:
+        raise ValueError(f"`views` names {missing or 'nothing'}; the table has the views {have}.")
+    return names

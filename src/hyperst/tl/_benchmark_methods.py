@@ -235,12 +235,13 @@ def retrieval_predict(
     yn_tr: np.ndarray,
     query: Mapping[str, tuple[np.ndarray, np.ndarray | None]],
     y_val: np.ndarray,
-) -> Prediction:
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """BLEEP-style retrieval in the model's aligned spot space; k chosen on the validation spots.
 
-    ``query`` maps ``"val"``/``"test"`` to ``(spot, niche)`` features. Similarity is the model's own
-    contrastive logit (−distance in Lorentz space, cosine in Euclidean space) between a query's image spot
-    embedding and the gene spot embeddings of the training spots.
+    ``query`` maps ``"val"`` and any other names (``"test"``, shifted test sets) to ``(spot, niche)`` features;
+    the result maps every name but ``"val"`` to its prediction, and the info gives the chosen k. Similarity is
+    the model's own contrastive logit (−distance in Lorentz space, cosine in Euclidean space) between a query's
+    image spot embedding and the gene spot embeddings of the training spots.
     """
     import torch
 
@@ -264,7 +265,8 @@ def retrieval_predict(
     ks = [k for k in RETRIEVAL_KS if k <= len(y_tr)] or [len(y_tr)]
     losses = {k: mse(y_tr[order["val"][:, :k]].mean(1), y_val) for k in ks}
     k = min(losses, key=losses.get)
-    return y_tr[order["test"][:, :k]].mean(1).astype(np.float32), {"k": k, "val_mse": losses[k]}
+    preds = {name: y_tr[o[:, :k]].mean(1).astype(np.float32) for name, o in order.items() if name != "val"}
+    return preds, {"k": k, "val_mse": losses[k]}
 
 
 #: The baselines that fit on feature arrays, by :attr:`BenchmarkMethod.kind`: each is called as

@@ -8,7 +8,7 @@ spawned worker processes, and hands freed memory back to the OS after each job.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hyperst._utils import release_memory
@@ -52,6 +52,10 @@ class Shared:
     ks: list[int]
     fit_kwargs: dict[str, Any]
     threads: int | None = None
+    #: shift name → (spot features, niche features or None, rows covered), over the rows of ``table``
+    shifts: dict[str, tuple[Any, Any, Any]] = field(default_factory=dict)
+    #: names of the augmented views every method trains on (``None``: clean features only)
+    views: list[str] | None = None
 
 
 _WORKER: dict[str, Any] = {}

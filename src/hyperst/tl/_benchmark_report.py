@@ -48,11 +48,15 @@ class BenchmarkResult:
     meta
         Settings (methods, folds, gene sets, seeds, fit options), total wall time, and one record per job
         (validation groups, spot counts, genes, and what each method chose: epochs, α, k).
+    shift_scores
+        With ``benchmark(shifts=...)``: the scores of the held-out spots as each shift shows them, with the
+        columns of :attr:`scores` plus ``shift``; else ``None``.
     """
 
     scores: pd.DataFrame
     timings: pd.DataFrame
     meta: dict[str, Any]
+    shift_scores: pd.DataFrame | None = None
 
     # ------------------------------------------------------------------ tables
     @property
@@ -174,6 +178,34 @@ class BenchmarkResult:
                     "exceeds_noise": bool(np.isfinite(p) and p < alpha),
                 })
         return pd.DataFrame(rows).set_index(["gene_set", "method"])
+
+    def shift_summary(
+        self, metric: str = "PCC@50", *, scope: str = "pooled", gene_set: str | None = None, delta: bool = False
+    ) -> pd.DataFrame:
+        """``metric`` per method (rows) and shift (columns, ``"clean"`` first): mean over folds × seeds.
+
+        Parameters
+        ----------
+        metric, scope, gene_set
+            Which score (see :attr:`scores`); ``gene_set=None``: all gene sets pooled.
+        delta
+            Report each shift as its difference from the clean score (shifted − clean).
+        """
+        if self.shift_scores is None or not len(self.shift_scores):
+            raise ValueError("This result has no shifted scores: run `benchmark(..., shifts={...})`.")
+        clean = self._select(metric, scope, gene_set).assign(shift="clean")
+        sh = self.shift_scores
+        sh = sh[(sh["metric"] == metric) & (sh["scope"] == scope)]
+        if gene_set is not None:
+            sh = sh[sh["gene_set"] == gene_set]
+        both = pd.concat([clean, sh], ignore_index=True)
+        order = ["clean", *dict.fromkeys(sh["shift"])]
+        wide = both.pivot_table(index="method", columns="shift", values="value", aggfunc="mean")
+        wide = wide.reindex(index=[m for m in self.methods if m in wide.index], columns=order)
+        if delta:
+            wide = wide.sub(wide["clean"], axis=0).drop(columns="clean")
+        wide.columns.name = None
+        return wide
 
     def timing_summary(self) -> pd.DataFrame:
         """Mean seconds per job (one fold × gene set × seed) for each method: fit, predict and total."""
@@ -297,6 +329,8 @@ class BenchmarkResult:
         path.mkdir(parents=True, exist_ok=True)
         self.scores.to_csv(path / "scores.csv", index=False)
         self.timings.to_csv(path / "timings.csv", index=False)
+        if self.shift_scores is not None:
+            self.shift_scores.to_csv(path / "shift_scores.csv", index=False)
         (path / "meta.json").write_text(json.dumps(jsonable(self.meta), indent=1) + os.linesep)
         if html:
             self._write_html(path, metric=metric, reference=reference, command=command)
@@ -328,6 +362,10 @@ class BenchmarkResult:
             tables.append((f"Paired comparison of {metric} with `{ref}` over folds (method − {ref}): "
                            "mean difference, t, p, folds won. 'exceeds_noise' says whether the difference is "
                            "larger than the seed-to-seed spread.", cmp))
+        if self.shift_scores is not None and len(self.shift_scores):
+            for m, what in ((metric, "higher is better"), ("MSE", "lower is better")):
+                tables.append((f"{m} of the held-out groups clean and under each domain shift (mean over folds × "
+                               f"seeds; {what}).", self.shift_summary(m).round(3)))
         timing = self.timings.groupby("method", sort=False)[["fit_s", "predict_s", "total_s"]].mean().round(2)
         tables.append(("Mean seconds per job (fit, predict; scoring excluded).", timing))
         settings = {k: self.meta[k] for k in ("methods", "folds", "seeds", "gene_sets") if k in self.meta}
@@ -340,7 +378,8 @@ class BenchmarkResult:
             tables=tables,
             figures=figures,
             details={"settings": settings},
-            files=["scores.csv", "timings.csv", "meta.json"],
+            files=["scores.csv", "timings.csv", "meta.json",
+                   *(["shift_scores.csv"] if self.shift_scores is not None else [])],
         )
 
     @classmethod
@@ -353,7 +392,10 @@ class BenchmarkResult:
         str_cols = {"gene_set": str, "method": str, "fold": str, "scope": str, "metric": str}
         scores = pd.read_csv(path / "scores.csv", dtype=str_cols)
         timings = pd.read_csv(path / "timings.csv", dtype={k: str for k in ("gene_set", "method", "fold")})
-        return cls(scores=scores, timings=timings, meta=json.loads((path / "meta.json").read_text()))
+        shifted = path / "shift_scores.csv"
+        shift_scores = pd.read_csv(shifted, dtype={**str_cols, "shift": str}) if shifted.is_file() else None
+        return cls(scores=scores, timings=timings, meta=json.loads((path / "meta.json").read_text()),
+                   shift_scores=shift_scores)
 
 
 # ---------------------------------------------------------------------------------------------- report
