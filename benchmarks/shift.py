@@ -1,0 +1,221 @@
+"""Domain-shift benchmark on Her2ST: held-out sections as other scanners, resolutions, stains and exports show them.
+
+Leave-one-section-out over C2–C6 (validation section inside the training sections, as in
+:func:`hyperst.tl.benchmark`). Every method trains on the full-resolution training sections (optionally with
+the augmented views of :data:`hyperst.pp.DEFAULT_VIEWS`) and is scored on the held-out section clean and after
+:func:`hyperst.datasets.degrade`: 1, 2 and 3.2 µm/px (resampled back by the normal crop path), JPEG q = 30, a
+HED stain shift, and the background outside the tissue painted black or white. Targets are log2(1 + counts)
+(raw) and log2(1 + counts per 10k) (library-size normalised). PCC@50 and MSE per shift and method, next to the
+mean predictor's MSE.
+
+Usage, from the repository root::
+
+    python benchmarks/shift.py                    # the documented run (features cached in benchmarks/out/shift)
+    python benchmarks/shift.py --features-only    # compute and cache the features only
+    python benchmarks/shift.py --backbone lite1   # EfficientNet-Lite1 features (needs its weight package)
+
+The features of every section under every degradation are computed once per backbone by
+``hst.pp.image_features(..., views=...)`` and cached in ``<out>/features_<backbone>.h5ad``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
+#: The shifts of the held-out section (degrade options).
+SHIFTS: dict[str, dict] = {
+    "1 µm/px": {"pixel_size": 1.0},
+    "2 µm/px": {"pixel_size": 2.0},
+    "3.2 µm/px": {"pixel_size": 3.2},
+    "JPEG q=30": {"jpeg_quality": 30},
+    "HED stain 0.3": {"stain": 0.3, "seed": 0},
+    "black background": {"background": "black"},
+    "white background": {"background": "white"},
+}
+#: Feature extractors: the backbone spec of each (pool="stages": the default features are its last columns).
+BACKBONES: dict[str, dict] = {
+    "lite0": {"name": "efficientnet_lite0", "pool": "stages"},
+    "lite1": {"name": "efficientnet_lite1", "pool": "stages"},
+    "lite2": {"name": "efficientnet_lite2", "pool": "stages"},
+    "lite0_tta": {"name": "efficientnet_lite0", "pool": "stages", "tta": "dihedral"},
+}
+
+
+def degradations(shifts: list[str] | None = None) -> dict[str, dict]:
+    """Every degradation the run needs, once: the test shifts and the training views (shared where equal).
+
+    ``shifts``: only these test shifts and no training views (a cheaper feature set for comparing backbones).
+    """
+    import hyperst as hst
+
+    out: dict[str, dict] = {}
+    seen: dict[str, str] = {}
+    items = [*SHIFTS.items(), *hst.pp.DEFAULT_VIEWS.items()] if shifts is None else \
+        [(n, SHIFTS[n]) for n in shifts]
+    for name, opts in items:
+        key = json.dumps(opts, sort_keys=True)
+        if key not in seen:
+            seen[key] = name
+            out[name] = dict(opts)
+    return out
+
+
+def view_name(opts: dict, table) -> str:
+    """The name under which the cached table holds the features of a degradation."""
+    from hyperst.pp._views import recorded_views
+
+    key = json.dumps(opts, sort_keys=True)
+    for name, o in recorded_views(table).items():
+        if json.dumps(dict(o), sort_keys=True) == key:
+            return name
+    raise KeyError(opts)
+
+
+def features(data: Path, out: Path, backbone: str, threads: int, shifts: list[str] | None = None):
+    """Her2ST with clean and degraded features of every section (cached)."""
+    import anndata as ad
+    import torch
+
+    import hyperst as hst
+
+    cache = out / (f"features_{backbone}.h5ad" if shifts is None else
+                   f"features_{backbone}_{'_'.join(s.split()[0] for s in shifts)}.h5ad")
+    if cache.is_file():
+        print(f"[shift] features from {cache}", flush=True)
+        return ad.read_h5ad(cache)
+    torch.set_num_threads(threads)
+    views = degradations(shifts)
+    tables = []
+    t0 = time.perf_counter()
+    for sec in SECTIONS:
+        t1 = time.perf_counter()
+        sd = hst.datasets.her2st(data, sections=[sec])
+        tab = hst.pp.image_features(sd, backbone=BACKBONES[backbone], views=views, progress=False)
+        tables.append(tab)
+        print(f"[shift] {sec}: {tab.n_obs} spots × {1 + len(views)} images in {time.perf_counter() - t1:.0f} s",
+              flush=True)
+    table = ad.concat(tables, merge="first", uns_merge="first")
+    table.uns["hyperst"]["features"]["samples"] = {}  # per-slide records of the first section only: drop
+    table.uns["benchmark_seconds"] = time.perf_counter() - t0
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    table.write_h5ad(cache)
+    print(f"[shift] features of {len(SECTIONS)} sections in {time.perf_counter() - t0:.0f} s → {cache}", flush=True)
+    return table
+
+
+#: What a configuration varies: the feature columns, the augmented views in training, the methods.
+CONFIGS: dict[str, dict] = {
+    "today": {"features": "default", "views": False},
+    "views": {"features": "default", "views": True},
+    "stages": {"features": "stages", "views": False},
+    "stages+views": {"features": "stages", "views": True},
+}
+METHODS = ["hyperst", "ridge_niche", "mean"]
+#: HyperST settings of the run (the CPU-sized configuration of the Her2ST benchmark)
+FIT = {"config": {"emb_dim": 256}, "lr": 1e-3, "batch_size": 64, "max_epochs": 100}
+
+
+def configured(table, features: str):
+    """The table with the clean and view features of one feature set (``"stages"``: all columns; ``"default"``:
+    the backbone's own pooled output, the last columns of the stage-pooled features)."""
+    import anndata as ad
+
+    from hyperst._constants import Key
+
+    width = table.obsm[Key.OBSM_FEATURES_SPOT].shape[1]
+    cols = slice(0, width) if features == "stages" else slice(width - 1280, width)
+    out = ad.AnnData(X=table.X, obs=table.obs.copy(), var=table.var.copy(), uns={"hyperst": dict(table.uns["hyperst"])},
+                     obsm={"spatial": table.obsm["spatial"]})
+    for key in (Key.OBSM_FEATURES_SPOT, Key.OBSM_FEATURES_NICHE):
+        out.obsm[key] = np.ascontiguousarray(table.obsm[key][:, cols])
+    for key in (Key.OBSM_VIEWS_SPOT, Key.OBSM_VIEWS_NICHE):
+        out.obsm[key] = np.ascontiguousarray(table.obsm[key][:, :, cols])
+    return out
+
+
+def shift_tables(table) -> dict:
+    """One feature table per test shift: the held-out features of every section as that shift shows them."""
+    import anndata as ad
+
+    from hyperst._constants import Key
+    from hyperst.pp._views import recorded_views
+
+    names = list(recorded_views(table))
+    out = {}
+    for name, opts in SHIFTS.items():
+        try:
+            k = names.index(view_name(opts, table))
+        except KeyError:  # a feature set computed for some of the shifts only
+            continue
+        sh = ad.AnnData(obs=table.obs[["sample"]].copy())
+        sh.obsm[Key.OBSM_FEATURES_SPOT] = table.obsm[Key.OBSM_VIEWS_SPOT][:, k]
+        sh.obsm[Key.OBSM_FEATURES_NICHE] = table.obsm[Key.OBSM_VIEWS_NICHE][:, k]
+        out[name] = sh
+    return out
+
+
+def run(table, config: str, *, normalize: bool, seeds: list[int], methods: list[str], out: Path):
+    """One benchmark run (all folds and seeds) of a configuration; saved under ``out``."""
+    import hyperst as hst
+    from hyperst.tl import BenchmarkResult
+
+    target = out / f"{config}_{'normalized' if normalize else 'raw'}"
+    if (target / "meta.json").is_file():
+        res = BenchmarkResult.load(target)
+        if sorted(res.meta["methods"]) == sorted(methods) and res.meta["seeds"] == seeds:
+            print(f"[shift] {target.name}: from the saved result", flush=True)
+            return res
+    cfg = CONFIGS[config]
+    t = configured(table, cfg["features"])
+    views = [view_name(o, table) for o in hst.pp.DEFAULT_VIEWS.values()] if cfg["views"] else False
+    t0 = time.perf_counter()
+    res = hst.tl.benchmark(t, methods=methods, seeds=seeds, gene_sets={"mean250": {"flavor": "mean", "n_top": 250}},
+                           normalize=normalize, fit_kwargs=FIT, shifts=shift_tables(t), views=views,
+                           progress=False)
+    res.meta["config"] = {"name": config, **cfg, "backbone": table.uns["hyperst"]["features"]["backbone"]}
+    res.save(target, overwrite=True, html=False)
+    print(f"[shift] {target.name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    print(res.shift_summary("PCC@50").round(3).to_string(), flush=True)
+    print(res.shift_summary("MSE").round(3).to_string(), flush=True)
+    return res
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default=os.environ.get("HYPERST_HER2ST", str(ROOT.parent / "shared/data/her2st")))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "shift"))
+    parser.add_argument("--backbone", default="lite0", choices=sorted(BACKBONES))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--features-only", action="store_true")
+    parser.add_argument("--shifts", nargs="+", default=None, choices=sorted(SHIFTS),
+                        help="compute only these test shifts and no training views (for comparing backbones)")
+    parser.add_argument("--configs", nargs="+", default=["today", "stages+views"], choices=sorted(CONFIGS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--targets", nargs="+", default=["raw", "normalized"], choices=["raw", "normalized"])
+    args = parser.parse_args()
+    if not Path(args.data).is_dir():
+        sys.exit(f"Her2ST not found at {args.data} (set --data or HYPERST_HER2ST)")
+    table = features(Path(args.data), Path(args.out), args.backbone, args.threads, args.shifts)
+    if args.features_only:
+        return
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out) / (args.backbone if args.shifts is None else f"{args.backbone}_subset")
+    for config in args.configs:
+        for target in args.targets:
+            run(table, config, normalize=target == "normalized", seeds=args.seeds, methods=args.methods, out=out)
+
+
+if __name__ == "__main__":
+    main()
