@@ -201,3 +201,27 @@ def test_benchmark_scores_every_method_under_every_shift(views_table: ad.AnnData
         hst.tl.benchmark(t, **{**kw, "shifts": {"x": stranger}})
     with pytest.raises(ValueError, match="the table has the views"):
         hst.tl.benchmark(t, views=["sideways"], **kw)
+
+
+# ----------------------------------------------------------------------------------------- levels
+def test_normalized_models_predict_the_depth_separately(views_table: ad.AnnData, tmp_path) -> None:
+    t = views_table.copy()
+    # sequencing depth that varies with the tissue (as it does with cell density): ×1/4 … ×4 along a feature
+    f = t.obsm[Key.OBSM_FEATURES_SPOT][:, 0]
+    t.X = np.round(np.asarray(t.X) * 4.0 * 2.0 ** np.clip(2 * (f - f.mean()) / f.std(), -2, 2)[:, None])
+    train, held = t[t.obs["sample"] != "s3"].copy(), t[t.obs["sample"] == "s3"].copy()
+    one = {"genes": GENES, "validation": ["s1"], "n_members": 1, "views": False, "seed": 0, "progress": False, **FIT}
+    model = hst.tl.fit(train, normalize=True, **one)
+    assert model.depth is not None
+    assert model.depth.val_pearson > 0.8
+    out = hst.tl.predict(model, held, progress=False)
+    truth = np.log2(1 + np.asarray(held.X.sum(1)).ravel())
+    depth = out.obs[Key.OBS_LOG2_DEPTH].to_numpy()
+    assert np.corrcoef(depth, truth)[0, 1] > 0.8  # the held-out slide's depth, from its image features alone
+    assert abs(depth.mean() - truth.mean()) < 0.5 * truth.std()
+    model.save(tmp_path / "m")
+    back = hst.tl.predict(hst.tl.HyperST.load(tmp_path / "m"), held, progress=False)
+    np.testing.assert_array_equal(back.obs[Key.OBS_LOG2_DEPTH].to_numpy(), depth)
+    raw = hst.tl.fit(train, **{**one, "max_epochs": 1})  # raw-count targets carry the depth: no separate output
+    assert raw.depth is None
+    assert Key.OBS_LOG2_DEPTH not in hst.tl.predict(raw, held, progress=False).obs

@@ -101,6 +101,8 @@ class Key:
     OBS_OOD: Final[str] = "hyperst_ood"
     #: ``.obs`` column: hyperbolic radius d(O, x) of the image spot embedding (a diagnostic, not a confidence).
     OBS_RADIUS: Final[str] = "hyperst_radius"
+    #: ``.obs`` column: predicted log2(1 + total counts) of the spot (models trained with ``normalize=True``).
+    OBS_LOG2_DEPTH: Final[str] = "hyperst_log2_depth"
     #: name of the table :func:`hyperst.tl.predict` adds to a SpatialData.
     TABLE_PREDICTION: Final[str] = "hyperst_prediction"
 

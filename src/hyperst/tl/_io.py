@@ -62,6 +62,7 @@ def model_record(model: HyperST) -> dict[str, Any]:
         "n_members": model.n_members,
         "member_histories": jsonable(model.member_histories[1:]),
         "domain": None if model.domain is None else jsonable(model.domain.record()),
+        "depth": None if getattr(model, "depth", None) is None else jsonable(model.depth.record()),
     }
 
 
@@ -129,6 +130,8 @@ def write_model(model: HyperST, path: str | Path, *, overwrite: bool = False) ->
     if model.calibration is not None and model.domain is not None:
         arrays.update({f"calibration.{k}": torch.as_tensor(v) for k, v in model.calibration.tensors().items()})
         arrays.update({f"space.{k}": torch.as_tensor(v) for k, v in model.domain.space.tensors().items()})
+    if model.depth is not None:
+        arrays.update({f"depth.{k}": torch.as_tensor(v) for k, v in model.depth.tensors().items()})
     _replace(path / CALIBRATION_FILE, arrays)
     if model.image_backbone is not None:
         # adapters only when the base weights can be reloaded from their file; the whole backbone when
@@ -196,15 +199,19 @@ def read_model(path: str | Path) -> dict[str, Any]:
             _load_state(net, {k.split(".", 1)[1]: v for k, v in saved.items() if k.split(".", 1)[0] == str(i)},
                         path / MEMBERS_FILE)
             members.append(net)
-    calibration = domain = None
-    if meta.get("domain") is not None and (path / CALIBRATION_FILE).exists():
+    calibration = domain = depth = None
+    arrays = _tensors(path / CALIBRATION_FILE) if (path / CALIBRATION_FILE).exists() else {}
+
+    def part(prefix: str) -> dict[str, Any]:
+        return {k[len(prefix) + 1 :]: v.numpy() for k, v in arrays.items() if k.startswith(prefix + ".")}
+
+    if meta.get("depth") is not None and arrays:
+        from hyperst.tl._depth import DepthModel
+
+        depth = DepthModel.from_parts(meta["depth"], part("depth"))
+    if meta.get("domain") is not None and arrays:
         from hyperst.tl._domain import DomainReference
         from hyperst.tl._uncertainty import Calibration, FeatureSpace
-
-        arrays = _tensors(path / CALIBRATION_FILE)
-
-        def part(prefix: str) -> dict[str, Any]:
-            return {k[len(prefix) + 1 :]: v.numpy() for k, v in arrays.items() if k.startswith(prefix + ".")}
 
         calibration = Calibration.from_tensors(part("calibration"))
         rec = meta["domain"]
@@ -226,6 +233,7 @@ def read_model(path: str | Path) -> dict[str, Any]:
         "member_histories": [history, *(meta.get("member_histories") or [[] for _ in members[1:]])],
         "calibration": calibration,
         "domain": domain,
+        "depth": depth,
     }
 
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
 
     from hyperst.data import FeatureData, SpotDataModule
+    from hyperst.tl._depth import DepthModel
     from hyperst.tl._setup import TrainingData
     from hyperst.tl._uncertainty import Calibration
 
@@ -79,6 +80,9 @@ class HyperST:
         Held-out residuals of the members: the prediction intervals (:class:`~hyperst.tl._uncertainty.Calibration`).
     domain
         Training-domain reference of the domain-shift checks (:class:`~hyperst.tl._domain.DomainReference`).
+    depth
+        Models trained on library-size normalised targets: the image → log2(1 + library size) regression
+        (:class:`~hyperst.tl._depth.DepthModel`) behind ``.obs["hyperst_log2_depth"]`` of predictions.
     """
 
     def __init__(
@@ -98,6 +102,7 @@ class HyperST:
         member_histories: Sequence[Sequence[Mapping[str, Any]]] | None = None,
         calibration: Calibration | None = None,
         domain: DomainReference | None = None,
+        depth: DepthModel | None = None,
     ) -> None:
         genes = [str(g) for g in genes]
         if len(genes) != config.n_genes:
@@ -130,6 +135,8 @@ class HyperST:
         self.member_histories = [[dict(h) for h in m] for m in (member_histories or [self.history])]
         self.calibration = calibration
         self.domain = domain
+        #: the image → log2(1 + library size) regression of a model trained on normalised targets, else ``None``
+        self.depth = depth
         self.training = dict(training or {})
         #: registered training data (:meth:`setup`); ``None`` for models built from a configuration or loaded
         self.registered: TrainingData | None = None
@@ -529,7 +536,25 @@ class HyperST:
             if checkpoints is not None:
                 logger.warning(f"resume with the same data, settings and `checkpoint_dir={str(checkpoints.path)!r}`")
         self._calibrate(masks)
+        self._fit_depth(masks[0])
         return self
+
+    def _fit_depth(self, val_mask: np.ndarray) -> None:
+        """With normalised targets in frozen mode: the depth model, validated on member 1's validation spots."""
+        from hyperst.tl._depth import fit_depth, log2_depth
+
+        self.depth = None
+        reg = self._registered()
+        if not self.data_options.normalize or reg.mode != "frozen":
+            return
+        data = self.registered_features()
+        x = data.spot if data.niche is None else np.concatenate([data.spot, data.niche], axis=1)
+        depth = log2_depth(reg.adatas, self.data_options.layer)
+        val = np.asarray(val_mask, dtype=bool)
+        self.depth = fit_depth(x, depth, ~val, val)
+        r = self.depth.val_pearson
+        logger.info(f"depth model: ridge α = {self.depth.alpha:g}"
+                    + ("" if r is None else f", Pearson r = {r:.2f} on the validation spots"))
 
     def _checkpoint_dir(self, options: TrainOptions) -> Any:
         """The :class:`~hyperst.tl._checkpoint.CheckpointDir` of ``options.checkpoint_dir`` (``None`` without)."""

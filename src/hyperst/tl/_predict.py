@@ -331,6 +331,8 @@ def _predict_table(
     if "image_niche" in embs:
         out.obsm[Key.OBSM_IMAGE_NICHE] = embs["image_niche"]
     out.obs[Key.OBS_RADIUS] = model.radius(embs["image_spot"])
+    if model.depth is not None:  # normalised targets: the depth is a separate output
+        out.obs[Key.OBS_LOG2_DEPTH] = model.depth.predict(spot if niche is None else np.concatenate([spot, niche], 1))
     record: dict[str, Any] = {
         "genes": model.genes, "layer": Key.LAYER_PRED if to_layer else "X",
         "observed_layer": Key.LAYER_OBSERVED if observed is not None else None, "backbone": model.backbone,
