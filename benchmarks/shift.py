@@ -88,7 +88,7 @@ def features(data: Path, out: Path, backbone: str, threads: int, shifts: list[st
     import hyperst as hst
 
     cache = out / (f"features_{backbone}.h5ad" if shifts is None else
-                   f"features_{backbone}_{'_'.join(s.split()[0] for s in shifts)}.h5ad")
+                   f"features_{backbone}_{'_'.join(s.split()[0] for s in shifts) or 'clean'}.h5ad")
     if cache.is_file():
         print(f"[shift] features from {cache}", flush=True)
         return ad.read_h5ad(cache)
@@ -184,9 +184,118 @@ def run(table, config: str, *, normalize: bool, seeds: list[int], methods: list[
     res.meta["config"] = {"name": config, **cfg, "backbone": table.uns["hyperst"]["features"]["backbone"]}
     res.save(target, overwrite=True, html=False)
     print(f"[shift] {target.name}: {time.perf_counter() - t0:.0f} s", flush=True)
-    print(res.shift_summary("PCC@50").round(3).to_string(), flush=True)
-    print(res.shift_summary("MSE").round(3).to_string(), flush=True)
+    for metric in ("PCC@50", "MSE"):
+        table = res.shift_summary(metric) if res.shift_scores is not None else res.summary([metric])
+        print(table.round(3).to_string(), flush=True)
     return res
+
+
+BEGIN, END = "<!-- shift-benchmark:begin -->", "<!-- shift-benchmark:end -->"
+DOCS = ROOT / "docs" / "benchmarks.md"
+LABEL = {"today": "today's default", "views": "+ views", "stages": "+ stage features",
+         "stages+views": "stage features + views"}
+
+
+def _cell(value: float, clean: float | None, digits: int = 3) -> str:
+    if clean is None:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} ({value - clean:+.{digits}f})"
+
+
+def shift_markdown(results: dict, metric: str, methods: list[str]) -> str:
+    """One row per configuration × method: the clean score, then each shift with its difference from clean."""
+    first = next(iter(results.values()))
+    shifts = [c for c in first.shift_summary(metric).columns if c != "clean"]
+    head = "| configuration | method | clean | " + " | ".join(shifts) + " | worst Δ |"
+    lines = [head, "|---|---|---:|" + "---:|" * (len(shifts) + 1)]
+    for config, res in results.items():
+        table = res.shift_summary(metric)
+        for method in methods:
+            if method not in table.index:
+                continue
+            row = table.loc[method]
+            clean = float(row["clean"])
+            deltas = [float(row[sh]) - clean for sh in shifts]
+            worst = min(deltas) if metric.startswith("PCC") else max(deltas)
+            cells = [_cell(float(row[sh]), clean if method != "mean" else None) for sh in shifts]
+            lines.append(f"| {LABEL.get(config, config)} | {method} | {clean:.3f} | " + " | ".join(cells)
+                         + f" | {'–' if method == 'mean' else f'{worst:+.3f}'} |")
+    return "\n".join(lines)
+
+
+def compare_line(res, metric: str = "PCC@50") -> str:
+    """HyperST against ridge on the same features, paired over folds (clean held-out sections)."""
+    cmp = res.compare("hyperst", metric=metric).reset_index()
+    row = cmp[cmp["method"] == "ridge_niche"].iloc[0]
+    return (f"ridge_niche − hyperst = {row['mean_diff']:+.3f} (sd over folds {row['sd_diff']:.3f}, paired t p = "
+            f"{row['p']:.2f}, ridge better on {int(row['wins'])}/{int(row['n_folds'])} folds; seed-to-seed sd "
+            f"{row['seed_sd']:.3f})")
+
+
+def variants_markdown(out: Path) -> str:
+    """The feature-extractor comparison (one seed): clean and the shifts each feature set was computed for."""
+    from hyperst.tl import BenchmarkResult
+
+    rows = []
+    for folder, backbone in (("lite0", "EfficientNet-Lite0"), ("lite1_subset", "EfficientNet-Lite1"),
+                             ("lite2_subset", "EfficientNet-Lite2"), ("lite0_tta_subset", "Lite0 + dihedral TTA")):
+        for config in ("today", "stages", "views", "stages+views"):
+            for target in ("raw", "normalized"):
+                path = out / folder / f"{config}_{target}"
+                if not (path / "meta.json").is_file():
+                    continue
+                res = BenchmarkResult.load(path)
+                sub = res.scores[(res.scores["seed"] == 0) & (res.scores["scope"] == "pooled")
+                                 & (res.scores["metric"] == "PCC@50")]
+                clean = sub.groupby("method")["value"].mean()
+                worst = None
+                if res.shift_scores is not None:
+                    sh = res.shift_scores
+                    sh = sh[(sh["seed"] == 0) & (sh["scope"] == "pooled") & (sh["metric"] == "PCC@50")]
+                    worst = (sh[sh["method"] == "hyperst"].groupby("shift")["value"].mean() - clean["hyperst"]).min()
+                    names = ", ".join(sorted(set(sh["shift"])))
+                rows.append(f"| {backbone} | {LABEL.get(config, config)} | {target} | {clean['hyperst']:.3f} | "
+                            f"{clean['ridge_niche']:.3f} | "
+                            + ("–" if worst is None else f"{worst:+.3f} ({names})") + " |")
+    head = ["| features | training | targets | HyperST PCC@50 | ridge_niche | HyperST worst Δ (shifts computed) |",
+            "|---|---|---|---:|---:|---|"]
+    return "\n".join(head + rows)
+
+
+def report(out: Path, command: str) -> str:
+    """The generated block of docs/benchmarks.md."""
+    from hyperst.tl import BenchmarkResult
+
+    base = out / "lite0"
+    blocks = [f"Command: `{command}`", ""]
+    for target, title in (("normalized", "library-size normalised targets (log2(1 + counts per 10k))"),
+                          ("raw", "raw targets (log2(1 + counts))")):
+        results = {c: BenchmarkResult.load(base / f"{c}_{target}") for c in ("today", "stages+views")
+                   if (base / f"{c}_{target}" / "meta.json").is_file()}
+        if not results:
+            continue
+        first = next(iter(results.values()))
+        seeds = first.meta["seeds"]
+        blocks += [f"**{title.capitalize()}**, mean over 5 folds × {len(seeds)} seeds:", "",
+                   "PCC@50 (Δ: shifted − clean):", "", shift_markdown(results, "PCC@50", ["hyperst", "ridge_niche"]),
+                   "", "MSE (lower is better; the mean predictor's MSE is the bar to beat):", "",
+                   shift_markdown(results, "MSE", ["hyperst", "ridge_niche", "mean"]), ""]
+        for config, res in results.items():
+            blocks.append(f"- {LABEL[config]}, clean: {compare_line(res)}.")
+        blocks.append("")
+    variants = variants_markdown(out)
+    blocks += ["**Feature extractors and training options** (seed 0 only, 5 folds; the worst HyperST Δ over the "
+               "shifts that feature set was computed for):", "", variants, ""]
+    return "\n".join(blocks)
+
+
+def write_docs(block: str) -> None:
+    text = DOCS.read_text()
+    if BEGIN not in text:
+        raise SystemExit(f"{DOCS} has no {BEGIN} marker")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    DOCS.write_text(f"{head}{BEGIN}\n{block}\n{END}{tail}")
 
 
 def main() -> None:
@@ -196,13 +305,21 @@ def main() -> None:
     parser.add_argument("--backbone", default="lite0", choices=sorted(BACKBONES))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--features-only", action="store_true")
-    parser.add_argument("--shifts", nargs="+", default=None, choices=sorted(SHIFTS),
+    parser.add_argument("--shifts", nargs="*", default=None, choices=sorted(SHIFTS),
                         help="compute only these test shifts and no training views (for comparing backbones)")
     parser.add_argument("--configs", nargs="+", default=["today", "stages+views"], choices=sorted(CONFIGS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--targets", nargs="+", default=["raw", "normalized"], choices=["raw", "normalized"])
+    parser.add_argument("--docs", action="store_true", help="write the generated block of docs/benchmarks.md")
+    parser.add_argument("--report-only", action="store_true", help="only print (and with --docs write) the report")
     args = parser.parse_args()
+    if args.report_only:
+        block = report(Path(args.out), "python benchmarks/shift.py")
+        print(block)
+        if args.docs:
+            write_docs(block)
+        return
     if not Path(args.data).is_dir():
         sys.exit(f"Her2ST not found at {args.data} (set --data or HYPERST_HER2ST)")
     table = features(Path(args.data), Path(args.out), args.backbone, args.threads, args.shifts)
@@ -212,9 +329,16 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     out = Path(args.out) / (args.backbone if args.shifts is None else f"{args.backbone}_subset")
+    t0 = time.perf_counter()
     for config in args.configs:
         for target in args.targets:
             run(table, config, normalize=target == "normalized", seeds=args.seeds, methods=args.methods, out=out)
+    print(f"[shift] all runs in {time.perf_counter() - t0:.0f} s", flush=True)
+    if args.backbone == "lite0" and args.shifts is None:
+        block = report(Path(args.out), "python " + " ".join(sys.argv))
+        print(block, flush=True)
+        if args.docs:
+            write_docs(block)
 
 
 if __name__ == "__main__":

@@ -225,3 +225,36 @@ def test_normalized_models_predict_the_depth_separately(views_table: ad.AnnData,
     raw = hst.tl.fit(train, **{**one, "max_epochs": 1})  # raw-count targets carry the depth: no separate output
     assert raw.depth is None
     assert Key.OBS_LOG2_DEPTH not in hst.tl.predict(raw, held, progress=False).obs
+
+
+# ----------------------------------------------------------------------------------------- the Her2ST script
+def test_shift_script_computes_each_degradation_once_and_slices_the_feature_sets() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "shift.py"
+    spec = importlib.util.spec_from_file_location("_shift_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    every = script.degradations()
+    # the test shifts first, then the training views they do not already hold (1, 2 µm/px, backgrounds shared)
+    assert list(every) == [*script.SHIFTS, "4 µm/px", "stain 0.3"]
+    assert script.degradations(["3.2 µm/px"]) == {"3.2 µm/px": {"pixel_size": 3.2}}
+    n, width = 6, 1752
+    t = ad.AnnData(np.ones((n, 2), np.float32), obs={"sample": ["a"] * n})
+    t.obs_names = [f"s{i}" for i in range(n)]
+    t.obsm["spatial"] = np.zeros((n, 2))
+    clean = np.arange(n * width, dtype=np.float32).reshape(n, width)
+    views = np.stack([clean + 100 * (k + 1) for k in range(len(every))], axis=1)
+    for key in (Key.OBSM_FEATURES_SPOT, Key.OBSM_FEATURES_NICHE):
+        t.obsm[key] = clean
+    for key in (Key.OBSM_VIEWS_SPOT, Key.OBSM_VIEWS_NICHE):
+        t.obsm[key] = views
+    t.uns["hyperst"] = {"features": {"views": views_record(every)}}
+    default = script.configured(t, "default")
+    np.testing.assert_array_equal(default.obsm[Key.OBSM_FEATURES_SPOT], clean[:, -1280:])
+    np.testing.assert_array_equal(default.obsm[Key.OBSM_VIEWS_SPOT], views[:, :, -1280:])
+    tables = script.shift_tables(default)
+    assert list(tables) == list(script.SHIFTS)
+    k = list(every).index("3.2 µm/px")
+    np.testing.assert_array_equal(tables["3.2 µm/px"].obsm[Key.OBSM_FEATURES_SPOT], views[:, k, -1280:])
