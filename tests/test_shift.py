@@ -57,6 +57,13 @@ def test_dihedral_tta_is_the_mean_over_the_eight_orientations() -> None:
         resolve_backbone_spec({"name": "efficientnet_lite0", "tta": "rot4"})
 
 
+def test_lora_training_refuses_test_time_augmentation() -> None:
+    sdata = hst.datasets.synthetic(n_samples=1, n_rows=3, n_cols=3, n_genes=4, seed=0)
+    with pytest.raises(ValueError, match="drop 'tta' for mode='lora'"):
+        hst.tl.fit(sdata, mode="lora", backbone={"name": "efficientnet_lite0", "tta": "dihedral"}, progress=False)
+    assert Key.OBSM_FEATURES_SPOT not in sdata.tables["table"].obsm
+
+
 def test_features_of_another_pooling_or_tta_are_refused() -> None:
     adata = ad.AnnData(np.zeros((2, 1), np.float32))
     rec = {"name": "tf_efficientnet_lite0", "pool": "stages", "tta": None, "weights": "/x/lite0.pth"}

@@ -112,14 +112,16 @@ def view_features(
     spots = resolve_spots(sdata, **spots_kwargs)
     out: dict[str, list[np.ndarray]] = {"spot": [], "niche": []}
     for name, opts in views.items():
-        shifted = sdata
+        shifted, resampled = sdata, False
         for s in spots:
             kw = dict(opts)
             if kw.get("pixel_size") is not None and float(kw["pixel_size"]) <= s.pixel_size * (1 + 1e-6):
                 kw.pop("pixel_size")
+            resampled |= kw.get("pixel_size") is not None
             if set(kw) - {"seed"}:
                 shifted = degrade(shifted, image_key=s.image_key, copy=False, **kw)
-        view_spots = resolve_spots(shifted, **spots_kwargs) if shifted is not sdata else spots
+        # only a resampled image moves the spots' pixel coordinates: resolve them on the copy then
+        view_spots = resolve_spots(shifted, **spots_kwargs) if resampled else spots
         _check_same_spots(spots, view_spots, name)
         logger.info(f"view {name!r}: features of the degraded slides")
         got = slide_features(shifted, view_spots, model, geom, n_obs, device=device, batch_size=batch_size,

@@ -354,6 +354,12 @@ class HyperST:
         options = options or DataOptions()
         image = image or ImageOptions()
         probe = HyperSTConfig.from_preset(preset, n_genes=1, image_dim=1, **(config or {}))
+        if mode == "lora":  # refused before any crop is cut
+            from hyperst.pp import resolve_backbone_spec
+
+            if not hasattr(image.backbone, "hyperst_spec") and resolve_backbone_spec(image.backbone).tta is not None:
+                raise ValueError("`backbone` sets `tta`, a test-time augmentation of frozen features; LoRA training "
+                                 "augments its crops itself (`augment=True`): drop 'tta' for mode='lora'.")
         with restore_on_error(data if isinstance(data, Sequence) else [data]):  # a failed setup changes nothing
             reg = register(data, mode=mode, genes=genes, options=options, image=image,
                            niche_features=probe.has_niche, device=device, progress=progress)
