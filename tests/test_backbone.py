@@ -15,7 +15,6 @@ timm = pytest.importorskip("timm")
 
 from hyperst._constants import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from hyperst.pp import _backbone_extract  # noqa: E402
-from hyperst.pp._backbone_pool import ClsMeanPool  # noqa: E402
 from hyperst.pp._backbone import (  # noqa: E402
     KNOWN_BACKBONES,
     BackboneSpec,
@@ -24,6 +23,7 @@ from hyperst.pp._backbone import (  # noqa: E402
     load_backbone,
     resolve_backbone_spec,
 )
+from hyperst.pp._backbone_pool import ClsMeanPool  # noqa: E402
 
 TINY_KW = {"img_size": 32}
 TINY_VIT = BackboneSpec(name="test_vit", kwargs=TINY_KW, input_size=32)

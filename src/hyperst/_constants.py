@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Key"]
+__all__ = ["DEFAULT_BACKBONE", "IMAGENET_MEAN", "IMAGENET_STD", "Key"]
 
+#: The backbone of ``image_features``, ``fit``, the CLI and the demo when none is given: EfficientNet-Lite0 with
+#: multi-stage features (``KNOWN_BACKBONES["efficientnet_lite0_stages"]``), chosen by the Her2ST shift benchmark
+#: (docs/benchmarks.md, "Domain shift").
+DEFAULT_BACKBONE: Final[str] = "efficientnet_lite0_stages"
 #: ImageNet channel mean (RGB, 0–1 scale): the input normalisation of ImageNet-trained backbones.
 IMAGENET_MEAN: Final[tuple[float, float, float]] = (0.485, 0.456, 0.406)
 #: ImageNet channel standard deviation (RGB, 0–1 scale).

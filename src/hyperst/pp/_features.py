@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import numpy as np
 import torch
 
-from hyperst._constants import Key
+from hyperst._constants import DEFAULT_BACKBONE, Key
 from hyperst._logging import logger
 from hyperst._utils import centers_hash, release_memory
 from hyperst.data._cache import CropCache
@@ -253,7 +253,7 @@ def _same(a: Any, b: Any) -> bool:
 def image_features(
     sdata: SpatialData,
     *,
-    backbone: str | BackboneSpec | Mapping[str, Any] | torch.nn.Module = "efficientnet_lite0",
+    backbone: str | BackboneSpec | Mapping[str, Any] | torch.nn.Module = DEFAULT_BACKBONE,
     weights: str | Path | None = None,
     allow_download: bool = False,
     random_init: bool = False,
@@ -285,7 +285,8 @@ def image_features(
         SpatialData with an H&E image and spots. A SpatialData without any table gets one annotating
         the spots (``sdata.tables["table"]``, no measurements).
     backbone
-        A known name (``"efficientnet_lite0"``, ``"uni"``, …; see :data:`KNOWN_BACKBONES`), a timm model
+        A known name (default ``"efficientnet_lite0_stages"``: EfficientNet-Lite0 with multi-stage features;
+        ``"efficientnet_lite0"``, ``"uni"``, …; see :data:`KNOWN_BACKBONES`), a timm model
         name, a :class:`BackboneSpec`, or a module from :func:`load_backbone` (e.g. LoRA fine-tuned).
     weights
         Local weights file (overrides the spec's). Hub ids only with ``allow_download=True``.

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from hyperst._constants import Key
+from hyperst._constants import DEFAULT_BACKBONE, Key
 from hyperst._utils import jsonable, restore_on_error
 from hyperst.data._modules import Validation
 from hyperst.tl._lora import LoraSpec
@@ -37,7 +37,7 @@ def fit(
     genes: Sequence[str] | None = None,
     preset: str = "hyperst",
     config: Mapping[str, Any] | None = None,
-    backbone: str | Mapping[str, Any] | Any = "efficientnet_lite0",
+    backbone: str | Mapping[str, Any] | Any = DEFAULT_BACKBONE,
     weights: str | None = None,
     random_init: bool = False,
     lora: LoraSpec | Mapping[str, Any] | None = None,

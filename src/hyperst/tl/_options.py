@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hyperst._constants import Key
+from hyperst._constants import DEFAULT_BACKBONE, Key
 
 __all__ = ["DataOptions", "ImageOptions", "TrainOptions", "TrainerOptions"]
 
@@ -204,7 +204,7 @@ class ImageOptions:
         LoRA mode: random dihedral augmentation of the training crops.
     """
 
-    backbone: Any = "efficientnet_lite0"
+    backbone: Any = DEFAULT_BACKBONE
     weights: str | None = None
     random_init: bool = False
     lora: Any = None
