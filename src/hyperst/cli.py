@@ -160,6 +160,13 @@ def _fit(args: argparse.Namespace) -> int:
     config = _json_object(args.config, flag="--config")
     _check_out(args.out, overwrite=args.overwrite, marker="hyperst.json")
     data = [_read(p) for p in args.data]
+    if args.views:  # the training slides also as other scanners, resolutions, stains and exports show them
+        from anndata import AnnData
+
+        for path, item in zip(args.data, data, strict=True):
+            if isinstance(item, AnnData):
+                raise CLIError(f"--views needs the slide images: {path!r} is a table; pass its .zarr store.")
+            hst.pp.image_features(item, backbone=args.backbone, views="default", progress=args.progress)
     model = hst.tl.fit(
         data, mode=args.mode, preset=args.preset, config=config, backbone=args.backbone, max_epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device, min_tissue=args.min_tissue,
@@ -394,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Lightning devices: auto, a count (e.g. 4; -1 for all) or ids (e.g. 0,1)")
     fit.add_argument("--strategy", default="auto", help="Lightning strategy (e.g. ddp)")
     fit.add_argument("--min-tissue", type=float, default=None)
+    fit.add_argument("--views", action="store_true",
+                     help="also train on the slides at 1, 2 and 4 µm/px, stain-shifted and with the glass painted "
+                          "black/white (hst.pp.DEFAULT_VIEWS; 7x the feature extraction; .zarr inputs)")
     fit.add_argument("--members", type=_members, default="auto",
                      help="ensemble members: auto (one per held-out slide fold, ≤ 5) or a count")
     fit.add_argument("--checkpoint-dir", default=None, metavar="DIR",

@@ -533,6 +533,7 @@ class HyperST:
             "seed": options.seed,
             "precision": hardware.precision,
             "min_tissue": self.data_options.min_tissue,
+            "views": list(reg.view_names or []),
             "n_members": self.n_members,
             "interrupted": interrupted is not None,
             "members": records,
