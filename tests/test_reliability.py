@@ -428,6 +428,16 @@ ERRORS: list[Case] = [
          lambda c: _ds().read_wsi(c.tmp / "nope.tif", coordinate_system="s")),
     Case("bad-synthetic-size", "datasets", "synthetic(n_rows=0)", ValueError, "`n_rows=0` must be an integer ≥ 2",
          lambda c: _ds().synthetic(n_rows=0)),
+    Case("unknown-view-option", "backbone", "image_features(sdata, views={'v': {'zoom': 2}})", ValueError,
+         "`views['v']` has unknown options ['zoom']; a view may set",
+         lambda c: _pp().image_features(c.sdata(), random_init=True, views={"v": {"zoom": 2}}, progress=False)),
+    Case("unknown-tta", "backbone", "resolve_backbone_spec({'name': 'efficientnet_lite0', 'tta': 'rot4'})",
+         ValueError, "BackboneSpec tta='rot4' must be None or one of ('dihedral',)",
+         lambda c: _pp().resolve_backbone_spec({"name": "efficientnet_lite0", "tta": "rot4"})),
+    Case("lora-with-tta", "tl", "fit(sdata, mode='lora', backbone={..., 'tta': 'dihedral'})", ValueError,
+         "`backbone` sets `tta`, a test-time augmentation of frozen features",
+         lambda c: _tl().fit(c.sdata(), mode="lora", backbone={"name": "efficientnet_lite0", "tta": "dihedral"},
+                             progress=False)),
 ]
 
 
