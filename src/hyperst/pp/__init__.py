@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from hyperst.data._cache import CropCache
     from hyperst.data._crops import SpotCropDataset
     from hyperst.pp._backbone import (
+        DEFAULT_BACKBONE,
         KNOWN_BACKBONES,
         BackboneSpec,
         extract_features,
@@ -44,6 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from hyperst.pp._views import DEFAULT_VIEWS
 
 _LAZY_IMPORTS: dict[str, str] = {
+    "DEFAULT_BACKBONE": "hyperst.pp._backbone",
     "KNOWN_BACKBONES": "hyperst.pp._backbone",
     "BackboneSpec": "hyperst.pp._backbone",
     "extract_features": "hyperst.pp._backbone",
@@ -81,6 +83,7 @@ _LAZY_IMPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "DEFAULT_BACKBONE",
     "DEFAULT_VIEWS",
     "KNOWN_BACKBONES",
     "LAYOUTS",

@@ -16,10 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hyperst._logging import logger
+
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
 
-__all__ = ["DEPTH_ALPHAS", "DepthModel", "fit_depth", "log2_depth"]
+    from hyperst.data import FeatureData
+    from hyperst.tl._options import DataOptions
+    from hyperst.tl._setup import TrainingData
+
+__all__ = ["DEPTH_ALPHAS", "DepthModel", "fit_depth", "log2_depth", "training_depth"]
 
 #: Ridge α grid of the depth model (chosen on the validation spots).
 DEPTH_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(0, 5, 11))
@@ -91,3 +97,14 @@ def fit_depth(x: np.ndarray, depth: np.ndarray, train: np.ndarray, val: np.ndarr
         model = RidgeCV(alphas=DEPTH_ALPHAS).fit(ztr, ytr)
         alpha, r = float(model.alpha_), None
     return DepthModel(mean, scale, np.asarray(model.coef_, np.float64), float(model.intercept_), float(alpha), r)
+
+
+def training_depth(reg: TrainingData, data: FeatureData, options: DataOptions, val_mask: np.ndarray) -> DepthModel:
+    """The depth model of a model's registered training spots (``val_mask``: its validation spots)."""
+    x = data.spot if data.niche is None else np.concatenate([data.spot, data.niche], axis=1)
+    val = np.asarray(val_mask, dtype=bool)
+    model = fit_depth(x, log2_depth(reg.adatas, options.layer), ~val, val)
+    r = model.val_pearson
+    logger.info(f"depth model: ridge α = {model.alpha:g}" + ("" if r is None else f", Pearson r = {r:.2f} on the "
+                                                                                   "validation spots"))
+    return model

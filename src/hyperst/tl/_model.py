@@ -81,8 +81,7 @@ class HyperST:
     domain
         Training-domain reference of the domain-shift checks (:class:`~hyperst.tl._domain.DomainReference`).
     depth
-        Models trained on library-size normalised targets: the image → log2(1 + library size) regression
-        (:class:`~hyperst.tl._depth.DepthModel`) behind ``.obs["hyperst_log2_depth"]`` of predictions.
+        Normalised-target models: the image → log2(1 + library size) regression (``.obs["hyperst_log2_depth"]``).
     """
 
     def __init__(
@@ -135,8 +134,7 @@ class HyperST:
         self.member_histories = [[dict(h) for h in m] for m in (member_histories or [self.history])]
         self.calibration = calibration
         self.domain = domain
-        #: the image → log2(1 + library size) regression of a model trained on normalised targets, else ``None``
-        self.depth = depth
+        self.depth = depth  # the image → log2(1 + library size) regression of normalised-target models
         self.training = dict(training or {})
         #: registered training data (:meth:`setup`); ``None`` for models built from a configuration or loaded
         self.registered: TrainingData | None = None
@@ -354,12 +352,6 @@ class HyperST:
         options = options or DataOptions()
         image = image or ImageOptions()
         probe = HyperSTConfig.from_preset(preset, n_genes=1, image_dim=1, **(config or {}))
-        if mode == "lora":  # refused before any crop is cut
-            from hyperst.pp import resolve_backbone_spec
-
-            if not hasattr(image.backbone, "hyperst_spec") and resolve_backbone_spec(image.backbone).tta is not None:
-                raise ValueError("`backbone` sets `tta`, a test-time augmentation of frozen features; LoRA training "
-                                 "augments its crops itself (`augment=True`): drop 'tta' for mode='lora'.")
         with restore_on_error(data if isinstance(data, Sequence) else [data]):  # a failed setup changes nothing
             reg = register(data, mode=mode, genes=genes, options=options, image=image,
                            niche_features=probe.has_niche, device=device, progress=progress)
@@ -548,20 +540,11 @@ class HyperST:
 
     def _fit_depth(self, val_mask: np.ndarray) -> None:
         """With normalised targets in frozen mode: the depth model, validated on member 1's validation spots."""
-        from hyperst.tl._depth import fit_depth, log2_depth
+        from hyperst.tl._depth import training_depth
 
-        self.depth = None
         reg = self._registered()
-        if not self.data_options.normalize or reg.mode != "frozen":
-            return
-        data = self.registered_features()
-        x = data.spot if data.niche is None else np.concatenate([data.spot, data.niche], axis=1)
-        depth = log2_depth(reg.adatas, self.data_options.layer)
-        val = np.asarray(val_mask, dtype=bool)
-        self.depth = fit_depth(x, depth, ~val, val)
-        r = self.depth.val_pearson
-        logger.info(f"depth model: ridge α = {self.depth.alpha:g}"
-                    + ("" if r is None else f", Pearson r = {r:.2f} on the validation spots"))
+        use = self.data_options.normalize and reg.mode == "frozen"
+        self.depth = training_depth(reg, self.registered_features(), self.data_options, val_mask) if use else None
 
     def _checkpoint_dir(self, options: TrainOptions) -> Any:
         """The :class:`~hyperst.tl._checkpoint.CheckpointDir` of ``options.checkpoint_dir`` (``None`` without)."""

@@ -166,6 +166,12 @@ def register(
         raise ValueError(f"`mode` must be 'frozen' or 'lora', got {mode!r}.")
     items = list(data) if isinstance(data, list | tuple) else [data]
     geom = None
+    if mode == "lora" and not hasattr(image.backbone, "hyperst_spec"):  # refused before any crop is cut
+        from hyperst.pp import resolve_backbone_spec
+
+        if resolve_backbone_spec(image.backbone).tta is not None:
+            raise ValueError("`backbone` sets `tta`, a test-time augmentation of frozen features; LoRA training "
+                             "augments its crops itself (`augment=True`): drop 'tta' for mode='lora'.")
     if mode == "lora":
         parts, crop_arrays, geom = _lora_parts(items, options.table_key, image.geometry, image.cache_dir, progress)
     else:
