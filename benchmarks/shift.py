@@ -192,8 +192,8 @@ def run(table, config: str, *, normalize: bool, seeds: list[int], methods: list[
 
 BEGIN, END = "<!-- shift-benchmark:begin -->", "<!-- shift-benchmark:end -->"
 DOCS = ROOT / "docs" / "benchmarks.md"
-LABEL = {"today": "today's default", "views": "+ views", "stages": "+ stage features",
-         "stages+views": "stage features + views"}
+LABEL = {"today": "previous default (last-stage features)", "views": "last-stage features + views",
+         "stages": "stage features (new default)", "stages+views": "stage features + views"}
 
 
 def _cell(value: float, clean: float | None, digits: int = 3) -> str:
@@ -253,7 +253,8 @@ def variants_markdown(out: Path) -> str:
                     sh = res.shift_scores
                     sh = sh[(sh["seed"] == 0) & (sh["scope"] == "pooled") & (sh["metric"] == "PCC@50")]
                     worst = (sh[sh["method"] == "hyperst"].groupby("shift")["value"].mean() - clean["hyperst"]).min()
-                    names = ", ".join(sorted(set(sh["shift"])))
+                    have = set(sh["shift"])
+                    names = f"all {len(SHIFTS)}" if have == set(SHIFTS) else ", ".join(sorted(have))
                 rows.append(f"| {backbone} | {LABEL.get(config, config)} | {target} | {clean['hyperst']:.3f} | "
                             f"{clean['ridge_niche']:.3f} | "
                             + ("–" if worst is None else f"{worst:+.3f} ({names})") + " |")
@@ -270,13 +271,14 @@ def report(out: Path, command: str) -> str:
     blocks = [f"Command: `{command}`", ""]
     for target, title in (("normalized", "library-size normalised targets (log2(1 + counts per 10k))"),
                           ("raw", "raw targets (log2(1 + counts))")):
-        results = {c: BenchmarkResult.load(base / f"{c}_{target}") for c in ("today", "stages+views")
-                   if (base / f"{c}_{target}" / "meta.json").is_file()}
+        results = {c: BenchmarkResult.load(base / f"{c}_{target}") for c in ("today", "stages", "stages+views")
+                   if (base / f"{c}_{target}" / "meta.json").is_file()
+                   and len(BenchmarkResult.load(base / f"{c}_{target}").meta["seeds"]) > 1}
         if not results:
             continue
         first = next(iter(results.values()))
         seeds = first.meta["seeds"]
-        blocks += [f"**{title.capitalize()}**, mean over 5 folds × {len(seeds)} seeds:", "",
+        blocks += [f"**{title[0].upper() + title[1:]}**, mean over 5 folds × {len(seeds)} seeds:", "",
                    "PCC@50 (Δ: shifted − clean):", "", shift_markdown(results, "PCC@50", ["hyperst", "ridge_niche"]),
                    "", "MSE (lower is better; the mean predictor's MSE is the bar to beat):", "",
                    shift_markdown(results, "MSE", ["hyperst", "ridge_niche", "mean"]), ""]
@@ -298,6 +300,28 @@ def write_docs(block: str) -> None:
     DOCS.write_text(f"{head}{BEGIN}\n{block}\n{END}{tail}")
 
 
+def depth_check(table, seeds: list[int]) -> str:
+    """Leave one section out: Pearson r of the predicted and measured log2 depth of the held-out section."""
+    import hyperst as hst
+    from hyperst._constants import Key
+
+    t = configured(table, "stages")
+    rows = []
+    for i, held in enumerate(SECTIONS):
+        val = SECTIONS[(i + 1) % len(SECTIONS)]
+        train, test = t[t.obs["sample"] != held].copy(), t[t.obs["sample"] == held].copy()
+        for seed in seeds:
+            model = hst.tl.fit(train, genes=hst.pp.select_genes(train, flavor="mean", n_top=250, inplace=False),
+                               normalize=True, views=False, validation=[val], n_members=1, seed=seed,
+                               progress=False, **FIT)
+            pred = hst.tl.predict(model, test, progress=False)
+            depth = np.log2(1 + np.asarray(test.X.sum(1)).ravel())
+            rows.append(float(np.corrcoef(pred.obs[Key.OBS_LOG2_DEPTH], depth)[0, 1]))
+            print(f"[shift] depth {held} seed {seed}: r = {rows[-1]:.3f}", flush=True)
+    return (f"predicted against measured log2 depth of the held-out section: Pearson r = {np.mean(rows):.2f} "
+            f"(range {min(rows):.2f}–{max(rows):.2f} over {len(SECTIONS)} folds × {len(seeds)} seed(s))")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=os.environ.get("HYPERST_HER2ST", str(ROOT.parent / "shared/data/her2st")))
@@ -312,6 +336,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--targets", nargs="+", default=["raw", "normalized"], choices=["raw", "normalized"])
     parser.add_argument("--docs", action="store_true", help="write the generated block of docs/benchmarks.md")
+    parser.add_argument("--depth", action="store_true", help="only check the predicted depth (normalize=True)")
     parser.add_argument("--report-only", action="store_true", help="only print (and with --docs write) the report")
     args = parser.parse_args()
     if args.report_only:
@@ -324,6 +349,9 @@ def main() -> None:
         sys.exit(f"Her2ST not found at {args.data} (set --data or HYPERST_HER2ST)")
     table = features(Path(args.data), Path(args.out), args.backbone, args.threads, args.shifts)
     if args.features_only:
+        return
+    if args.depth:
+        print(depth_check(table, args.seeds[:1]), flush=True)
         return
     import torch
 
