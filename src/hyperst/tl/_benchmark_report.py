@@ -368,7 +368,8 @@ class BenchmarkResult:
                                f"seeds; {what}).", self.shift_summary(m).round(3)))
         timing = self.timings.groupby("method", sort=False)[["fit_s", "predict_s", "total_s"]].mean().round(2)
         tables.append(("Mean seconds per job (fit, predict; scoring excluded).", timing))
-        settings = {k: self.meta[k] for k in ("methods", "folds", "seeds", "gene_sets", "shifts", "views") if self.meta.get(k)}
+        keys = ("methods", "folds", "seeds", "gene_sets", "shifts", "views")
+        settings = {k: self.meta[k] for k in keys if self.meta.get(k)}
         write_html_report(
             path,
             title="hyperst benchmark",
