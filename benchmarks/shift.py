@@ -291,6 +291,42 @@ def report(out: Path, command: str) -> str:
     return "\n".join(blocks)
 
 
+FIGURE = ROOT / "docs" / "_static" / "benchmarks" / "shift_pcc50.png"
+
+
+def figure(out: Path, path: Path = FIGURE) -> Path:
+    """HyperST's PCC@50 clean and under each shift, one line per configuration, raw and normalised targets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hyperst.tl import BenchmarkResult
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    for ax, target in zip(axes, ("raw", "normalized"), strict=True):
+        for config, style in (("today", "o--"), ("stages", "s-"), ("stages+views", "D-")):
+            folder = out / "lite0" / f"{config}_{target}"
+            if not (folder / "meta.json").is_file():
+                continue
+            res = BenchmarkResult.load(folder)
+            row = res.shift_summary("PCC@50").loc["hyperst"]
+            n = len(res.meta["seeds"])
+            ax.plot(range(len(row)), row.to_numpy(), style, alpha=0.85, lw=1,
+                    label=f"{LABEL[config]} ({n} seed{'s' if n > 1 else ''})")
+            ax.set_xticks(range(len(row)), list(row.index), rotation=35, ha="right")
+        ax.set_title(f"HyperST on held-out Her2ST sections, {target} targets", fontsize=10)
+        ax.set_ylabel("PCC@50 (mean over folds × seeds)")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_docs(block: str) -> None:
     text = DOCS.read_text()
     if BEGIN not in text:
@@ -344,6 +380,7 @@ def main() -> None:
         print(block)
         if args.docs:
             write_docs(block)
+            figure(Path(args.out))
         return
     if not Path(args.data).is_dir():
         sys.exit(f"Her2ST not found at {args.data} (set --data or HYPERST_HER2ST)")
@@ -367,6 +404,7 @@ def main() -> None:
         print(block, flush=True)
         if args.docs:
             write_docs(block)
+            figure(Path(args.out))
 
 
 if __name__ == "__main__":
