@@ -138,7 +138,8 @@ def configured(table, features: str):
     for key in (Key.OBSM_FEATURES_SPOT, Key.OBSM_FEATURES_NICHE):
         out.obsm[key] = np.ascontiguousarray(table.obsm[key][:, cols])
     for key in (Key.OBSM_VIEWS_SPOT, Key.OBSM_VIEWS_NICHE):
-        out.obsm[key] = np.ascontiguousarray(table.obsm[key][:, :, cols])
+        if key in table.obsm:  # feature sets of the clean sections only have no views
+            out.obsm[key] = np.ascontiguousarray(table.obsm[key][:, :, cols])
     return out
 
 
