@@ -69,7 +69,8 @@ def _run_job(job: Job, shared: Shared) -> JobResult:
         return np.concatenate([xs[mask], xn[mask]], axis=1)
 
     # the held-out spots as the shifted slides show them: rows covered by each shift's features
-    shifted = {name: (xs, xn, test & covered) for name, (xs, xn, covered) in shared.shifts.items()}
+    shifted = {name: (xs, xn, test & covered) for name, (xs, xn, covered) in shared.shifts.items()
+               if (test & covered).any()}  # a shift without this fold's held-out spots is not scored here
     views = _view_arrays(table, shared) if shared.views else None
 
     def fit_rows(niche: bool) -> tuple[np.ndarray, np.ndarray]:
