@@ -386,7 +386,7 @@ def image_features(
         from hyperst.pp._views import view_features
 
         view_arrays = view_features(
-            sdata, views, model, geom, table.n_obs,
+            sdata, views, model, geom, table.n_obs, spots=spots,
             spots_kwargs={"image_key": image_key, "shapes_key": shapes_key, "table_key": table_key,
                           "coordinate_system": coordinate_system, "spot_diameter": spot_diameter, "pitch": pitch},
             **run,

@@ -94,6 +94,7 @@ def view_features(
     geom: CropGeometry,
     n_obs: int,
     *,
+    spots: Sequence[Any],
     spots_kwargs: Mapping[str, Any],
     device: str = "auto",
     batch_size: int | str = "auto",
@@ -105,11 +106,11 @@ def view_features(
     Each view degrades every slide image of ``sdata`` (a copy; ``sdata`` is not changed) and featurises it by
     :func:`hyperst.pp.image_features`' own loop. A ``pixel_size`` finer than a slide's own leaves that slide's
     resolution as it is (the view is then the slide at its own resolution, with the other options applied).
+    ``spots`` are the clean slides' resolved spots; ``spots_kwargs`` resolve them again on a resampled copy.
     """
     from hyperst.pp._features import slide_features
 
     views = check_views(views)
-    spots = resolve_spots(sdata, **spots_kwargs)
     out: dict[str, list[np.ndarray]] = {"spot": [], "niche": []}
     for name, opts in views.items():
         shifted, resampled = sdata, False
